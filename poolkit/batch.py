@@ -1,0 +1,467 @@
+"""Running one function over many inputs: ``map``, ``imap_unordered`` and ``batch``.
+
+Tiny jobs cost more to send than to run, so inputs travel in chunks. Chunk
+sizes are measured, not guessed: the first chunks hold one input each; once
+some have come back, the size is set so that a chunk takes about
+``TARGET_CHUNK_SECONDS`` in a worker (bounded so that every worker still gets
+several chunks). A bounded number of chunks is in flight at any time, so an
+endless input iterator never fills memory.
+
+``map`` takes all its inputs at once, as the standard library does (jobs run
+even if nobody reads the results); its chunks are submitted as earlier ones
+complete. ``imap_unordered`` and ``batch`` read their input lazily, in the
+consumer's thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .errors import JobTimeout, WorkerCrashed
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+__all__ = ["Outcome", "TARGET_CHUNK_SECONDS", "imap_unordered", "iterate_in_order", "map_ordered", "run_batch"]
+
+T = TypeVar("T")
+
+TARGET_CHUNK_SECONDS = 0.01
+MAX_CHUNK = 50_000
+
+
+# ----------------------------------------------------------------- in workers
+
+
+def _call_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    """Run ``fn(*args)`` for each args of the chunk; the first exception ends the chunk (stdlib map)."""
+    return [fn(*args) for args in chunk]
+
+
+def _call_chunk_recording(
+    fn: Callable[..., Any], chunk: list[Any], star: bool
+) -> list[tuple[bool, Any, float, float]]:
+    """Run ``fn`` on each input, recording per input (ok, value or error record, wall s, cpu s)."""
+    out: list[tuple[bool, Any, float, float]] = []
+    perf, cpu = time.perf_counter, time.process_time
+    for item in chunk:
+        t0, c0 = perf(), cpu()
+        try:
+            if star:
+                value = fn(*item) if isinstance(item, (list, tuple)) else fn(**item)
+            else:
+                value = fn(item)
+            out.append((True, value, perf() - t0, cpu() - c0))
+        except Exception as exc:
+            record = (
+                type(exc).__name__,
+                str(exc),
+                "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            )
+            out.append((False, record, perf() - t0, cpu() - c0))
+    return out
+
+
+# ----------------------------------------------------------------- sizing
+
+
+class Chunker:
+    """Chooses chunk sizes from the measured time per input."""
+
+    def __init__(self, fixed: int | None, workers: int, total: int | None = None) -> None:
+        if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 1):
+            raise ValueError(f"chunksize must be a positive int, got {fixed!r}")
+        self.fixed = fixed
+        self.workers = workers
+        self.total = total
+        self.per_item: float | None = None
+        self._lock = threading.Lock()
+
+    def next_size(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        per_item = self.per_item
+        if per_item is None:
+            return 1
+        size = int(TARGET_CHUNK_SECONDS / max(per_item, 1e-7))
+        if self.total is not None:
+            # Keep at least four chunks per worker so the last ones balance.
+            size = min(size, max(1, self.total // (self.workers * 4)))
+        return max(1, min(size, MAX_CHUNK))
+
+    def record(self, items: int, seconds: float) -> None:
+        if items <= 0:
+            return
+        sample = seconds / items
+        with self._lock:
+            self.per_item = sample if self.per_item is None else 0.7 * self.per_item + 0.3 * sample
+
+
+def _chunk_seconds(future: Future[Any]) -> float | None:
+    stats = getattr(future, "stats", None)
+    return None if stats is None else float(stats.wall_time)
+
+
+# ----------------------------------------------------------------- map
+
+
+class _OrderedFeeder:
+    """Submits ``map``'s chunks as earlier ones complete; the consumer reads them in order."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        fn: Callable[..., Any],
+        items: list[tuple[Any, ...]],
+        chunksize: int | None,
+    ) -> None:
+        self.pool = pool
+        self.fn = fn
+        self.items = items
+        self.position = 0
+        workers = pool.max_workers
+        self.chunker = Chunker(chunksize, workers, len(items))
+        self.max_in_flight = workers * 2 + 2
+        self.in_flight = 0
+        self.chunks: list[tuple[Future[list[Any]], int]] = []
+        self.stopped = False
+        self.cond = threading.Condition(threading.RLock())
+
+    def pump(self) -> None:
+        with self.cond:
+            while not self.stopped and self.in_flight < self.max_in_flight:
+                if self.position >= len(self.items):
+                    self.stopped = True
+                    break
+                size = self.chunker.next_size()
+                chunk = self.items[self.position : self.position + size]
+                self.position += len(chunk)
+                try:
+                    future = self.pool.submit(_call_chunk, self.fn, chunk)
+                except RuntimeError:
+                    self.stopped = True  # the pool shut down under us
+                    break
+                self.in_flight += 1
+                self.chunks.append((future, len(chunk)))
+                future.add_done_callback(self._done)
+            self.cond.notify_all()
+
+    def _done(self, future: Future[Any]) -> None:
+        seconds = _chunk_seconds(future)
+        with self.cond:
+            self.in_flight -= 1
+            for f, count in reversed(self.chunks):
+                if f is future:
+                    if seconds is not None:
+                        self.chunker.record(count, seconds)
+                    break
+        if not future.cancelled():
+            self.pump()
+        else:
+            with self.cond:
+                self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            chunks = list(self.chunks)
+        for future, _ in chunks:
+            future.cancel()
+
+    def chunk(self, index: int, deadline: float | None) -> tuple[Future[list[Any]], int] | None:
+        with self.cond:
+            while index >= len(self.chunks):
+                if self.stopped and self.in_flight == 0 and index >= len(self.chunks):
+                    return None
+                if self.stopped and index >= len(self.chunks):
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise FuturesTimeoutError()
+                self.cond.wait(remaining)
+            return self.chunks[index]
+
+
+def map_ordered(
+    pool: Pool,
+    fn: Callable[..., T],
+    iterables: tuple[Iterable[Any], ...],
+    *,
+    timeout: float | None,
+    chunksize: int | None,
+) -> Iterator[T]:
+    if not callable(fn):
+        raise TypeError(f"{fn!r} is not callable")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    items = list(zip(*iterables))
+    feeder = _OrderedFeeder(pool, fn, items, chunksize)
+    feeder.pump()
+    if not items:
+        return iter(())
+    return _map_results(feeder, deadline, len(items))
+
+
+def _map_results(feeder: _OrderedFeeder, deadline: float | None, total: int) -> Iterator[Any]:
+    index = 0
+    seen = 0
+    try:
+        while seen < total:
+            entry = feeder.chunk(index, deadline)
+            if entry is None:
+                break
+            future, count = entry
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            results = future.result(remaining)
+            index += 1
+            seen += count
+            # Drop the reference so a long map does not keep every result alive.
+            feeder.chunks[index - 1] = (_DONE, count)
+            yield from results
+    finally:
+        if seen < total:
+            feeder.stop()
+
+
+_DONE: Future[Any] = Future()
+_DONE.set_result([])
+
+
+def iterate_in_order(futures: list[Future[T]], timeout: float | None) -> Iterator[T]:
+    """Yield each future's result in order (stdlib ``map`` semantics); cancel the rest on exit."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def results() -> Iterator[T]:
+        try:
+            futures.reverse()
+            while futures:
+                future = futures[-1]
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                yield future.result(remaining)
+                futures.pop()
+        finally:
+            for future in futures:
+                future.cancel()
+
+    return results()
+
+
+# ----------------------------------------------------------------- lazy feeders
+
+
+class _LazyFeeder:
+    """Reads an input iterator lazily (in the consumer's thread) and keeps a bounded number of chunks in flight."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        submit_chunk: Callable[[list[Any]], Future[Any]],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        max_in_flight: int | None,
+    ) -> None:
+        self.source = enumerate(iterable)
+        self.submit_chunk = submit_chunk
+        workers = pool.max_workers
+        self.chunker = Chunker(chunksize, workers)
+        self.max_in_flight = max_in_flight or workers * 2 + 2
+        self.in_flight = 0
+        self.exhausted = False
+        self.completed: queue.SimpleQueue[tuple[Future[Any], list[tuple[int, Any]]]] = queue.SimpleQueue()
+
+    def pump(self) -> None:
+        while not self.exhausted and self.in_flight < self.max_in_flight:
+            size = self.chunker.next_size()
+            chunk = list(itertools.islice(self.source, size))
+            if not chunk:
+                self.exhausted = True
+                return
+            future = self.submit_chunk([item for _, item in chunk])
+            self.in_flight += 1
+            future.add_done_callback(lambda f, c=chunk: self._done(f, c))
+
+    def _done(self, future: Future[Any], chunk: list[tuple[int, Any]]) -> None:
+        seconds = _chunk_seconds(future)
+        if seconds is not None:
+            self.chunker.record(len(chunk), seconds)
+        self.completed.put((future, chunk))
+
+    def next_completed(self) -> tuple[Future[Any], list[tuple[int, Any]]] | None:
+        self.pump()
+        if self.in_flight == 0:
+            return None
+        entry = self.completed.get()
+        self.in_flight -= 1
+        return entry
+
+
+def imap_unordered(
+    pool: Pool, fn: Callable[[Any], T], iterable: Iterable[Any], *, chunksize: int | None
+) -> Iterator[T]:
+    if not callable(fn):
+        raise TypeError(f"{fn!r} is not callable")
+
+    def submit_chunk(items: list[Any]) -> Future[Any]:
+        return pool.submit(_call_chunk, fn, [(item,) for item in items])
+
+    feeder = _LazyFeeder(pool, submit_chunk, iterable, chunksize, None)
+
+    def results() -> Iterator[T]:
+        while True:
+            entry = feeder.next_completed()
+            if entry is None:
+                return
+            future, _ = entry
+            yield from future.result()
+
+    return results()
+
+
+# ----------------------------------------------------------------- batch
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What happened to one input of :meth:`Pool.batch`.
+
+    ``ok`` tells which fields matter: ``value`` when it succeeded; else
+    ``error`` (the exception's type name), ``message`` and ``traceback``.
+    ``attempts`` counts runs (more than 1 after retries).
+    """
+
+    index: int
+    input: Any
+    ok: bool
+    value: T | None = None
+    error: str | None = None
+    message: str | None = None
+    traceback: str | None = None
+    attempts: int = 1
+    worker_id: int | None = None
+    pid: int | None = None
+    wall_time: float | None = None
+    cpu_time: float | None = None
+
+
+def run_batch(
+    pool: Pool,
+    fn: Callable[[Any], T],
+    iterable: Iterable[Any],
+    *,
+    retries: int,
+    retry_exceptions: bool,
+    timeout: float | None,
+    ordered: bool,
+    chunksize: int | None,
+    max_in_flight: int | None,
+    star: bool = False,
+) -> Iterator[Outcome[T]]:
+    """The engine of :meth:`Pool.batch` (and of ``poolkit run``)."""
+    if not callable(fn):
+        raise TypeError(f"{fn!r} is not callable")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+    if timeout is not None and chunksize is None:
+        chunksize = 1  # a timeout is per input: never let a chunk share it
+    options = pool.options(timeout=timeout, retries=retries)
+
+    def submit_chunk(items: list[Any]) -> Future[Any]:
+        return options.submit(_call_chunk_recording, fn, items, star)
+
+    feeder = _LazyFeeder(pool, submit_chunk, iterable, chunksize, max_in_flight)
+    return _batch_outcomes(pool, feeder, fn, retries, retry_exceptions, timeout, ordered, star)
+
+
+def _batch_outcomes(
+    pool: Pool,
+    feeder: _LazyFeeder,
+    fn: Callable[[Any], Any],
+    retries: int,
+    retry_exceptions: bool,
+    timeout: float | None,
+    ordered: bool,
+    star: bool,
+) -> Iterator[Outcome[Any]]:
+    waiting: dict[int, Outcome[Any]] = {}
+    next_index = 0
+    # Single inputs re-run on their own (after a chunk's worker died, or to retry an exception).
+    solo: dict[Future[Any], tuple[int, Any, int]] = {}
+    solo_done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+
+    def submit_solo(index: int, item: Any, attempt: int, retries_left: int) -> None:
+        future = pool.options(timeout=timeout, retries=retries_left).submit(
+            _call_chunk_recording, fn, [item], star
+        )
+        solo[future] = (index, item, attempt)
+        future.add_done_callback(solo_done.put)
+
+    def outcomes_of(future: Future[Any], chunk: list[tuple[int, Any]], attempt: int) -> list[Outcome[Any]]:
+        stats = getattr(future, "stats", None)
+        worker_id = stats.worker_id if stats else getattr(future, "worker_id", None)
+        pid = stats.pid if stats else getattr(future, "pid", None)
+        attempts = (stats.attempt if stats else attempt) + attempt - 1
+        try:
+            records = future.result()
+        except (WorkerCrashed, JobTimeout, CancelledError) as exc:
+            if len(chunk) > 1:
+                # Find the input that killed the worker: run each one alone.
+                for index, item in chunk:
+                    submit_solo(index, item, attempt, retries)
+                return []
+            index, item = chunk[0]
+            name = "Cancelled" if isinstance(exc, CancelledError) else type(exc).__name__
+            return [
+                Outcome(index, item, False, None, name, str(exc), None, attempts, worker_id, pid)
+            ]
+        except Exception as exc:  # pickling trouble: every input of the chunk shares it
+            return [
+                Outcome(index, item, False, None, type(exc).__name__, str(exc), None, attempts, worker_id, pid)
+                for index, item in chunk
+            ]
+        out = []
+        for (index, item), (ok, value, wall, cpu) in zip(chunk, records):
+            if ok:
+                out.append(Outcome(index, item, True, value, None, None, None, attempts, worker_id, pid, wall, cpu))
+            elif retry_exceptions and attempt <= retries:
+                submit_solo(index, item, attempt + 1, 0)
+            else:
+                error, message, tb = value
+                out.append(
+                    Outcome(index, item, False, None, error, message, tb, attempts, worker_id, pid, wall, cpu)
+                )
+        return out
+
+    def release(batch: list[Outcome[Any]]) -> Iterator[Outcome[Any]]:
+        nonlocal next_index
+        if not ordered:
+            yield from batch
+            return
+        for outcome in batch:
+            waiting[outcome.index] = outcome
+        while next_index in waiting:
+            yield waiting.pop(next_index)
+            next_index += 1
+
+    while True:
+        while not solo_done.empty():
+            future = solo_done.get()
+            index, item, attempt = solo.pop(future)
+            yield from release(outcomes_of(future, [(index, item)], attempt))
+        entry = None if feeder.exhausted and feeder.in_flight == 0 else feeder.next_completed()
+        if entry is None:
+            if not solo:
+                break
+            future = solo_done.get()
+            index, item, attempt = solo.pop(future)
+            yield from release(outcomes_of(future, [(index, item)], attempt))
+            continue
+        future, chunk = entry
+        yield from release(outcomes_of(future, chunk, 1))

@@ -1,0 +1,134 @@
+"""The errors poolkit raises.
+
+Every error poolkit itself raises derives from :class:`PoolkitError`, so one
+``except PoolkitError`` catches them all. Two of them also derive from the
+standard library's classes so that code written for
+``concurrent.futures.ProcessPoolExecutor`` keeps working unchanged:
+:class:`WorkerCrashed` is a ``BrokenProcessPool`` and :class:`JobTimeout` is a
+``TimeoutError``. A job's *own* exception is never wrapped: it comes back as
+itself, with the worker's traceback attached as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import signal
+from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = [
+    "BrokenPool",
+    "JobTimeout",
+    "MemoryLimitExceeded",
+    "PoolkitError",
+    "RemoteTraceback",
+    "WorkerCrashed",
+    "describe_exit",
+]
+
+
+class PoolkitError(Exception):
+    """Base class of every error raised by poolkit itself."""
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Say how a process ended, in words: ``"exit code 3"`` or ``"signal SIGSEGV"``.
+
+    ``exitcode`` follows ``multiprocessing``'s convention: negative for a signal.
+    """
+    if exitcode is None:
+        return "an unknown exit status"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class WorkerCrashed(BrokenProcessPool, PoolkitError):
+    """The worker running this job died before it answered.
+
+    Only the job that was running fails; the pool replaces the worker and goes
+    on. Subclasses ``BrokenProcessPool`` so that ``except BrokenProcessPool``
+    written for the standard library still catches it.
+
+    Attributes:
+        exitcode: the worker's exit code, negative for a signal (None if unknown).
+        signal_name: ``"SIGSEGV"`` and so on when a signal ended it, else None.
+        pid: the worker's process id.
+        worker_id: poolkit's id for the worker.
+        job_id: the id of the job that was running.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        pid: int | None = None,
+        worker_id: int | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.pid = pid
+        self.worker_id = worker_id
+        self.job_id = job_id
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.exitcode is None or self.exitcode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.exitcode).name
+        except ValueError:
+            return None
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Keyword-only attributes do not survive the default exception pickling.
+        return (
+            _rebuild_crash,
+            (type(self), str(self), self.exitcode, self.pid, self.worker_id, self.job_id),
+        )
+
+
+def _rebuild_crash(
+    cls: type[WorkerCrashed],
+    message: str,
+    exitcode: int | None,
+    pid: int | None,
+    worker_id: int | None,
+    job_id: str | None,
+) -> WorkerCrashed:
+    return cls(message, exitcode=exitcode, pid=pid, worker_id=worker_id, job_id=job_id)
+
+
+class MemoryLimitExceeded(WorkerCrashed):
+    """The worker went over ``memory_limit_per_child`` while running this job and was killed.
+
+    Attributes (besides :class:`WorkerCrashed`'s): ``rss`` (bytes seen) and
+    ``limit`` (bytes allowed) are in the message.
+    """
+
+
+class JobTimeout(PoolkitError, TimeoutError):
+    """The job ran past its timeout; its worker was stopped and replaced."""
+
+
+class BrokenPool(BrokenExecutor, PoolkitError):
+    """The pool cannot run jobs any more (for example, the initializer failed).
+
+    Like the standard library, a failing initializer breaks the pool instead
+    of respawning workers that fail the same way forever.
+    """
+
+
+class RemoteTraceback(Exception):
+    """Carries the worker's formatted traceback; attached as ``__cause__`` of a job's exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb

@@ -1,0 +1,108 @@
+"""``JobFuture``: a ``concurrent.futures.Future`` that knows about its job.
+
+The manager thread is the only writer of the extra fields (``worker_id``,
+``pid``, ``progress``, ``stats``); readers in other threads see plain
+attribute values, each replaced whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
+from typing import Any, Generic, TypeVar
+
+from .stats import JobStats
+
+__all__ = ["JobFuture"]
+
+T = TypeVar("T")
+
+_NO_PROGRESS: Any = None
+
+
+class JobFuture(Future[T], Generic[T]):
+    """The future of one poolkit job.
+
+    Attributes:
+        job_id: unique within the pool (the caller's own id when given).
+        job_type: the caller's label, or None.
+        worker_id, pid: the worker running the job, once it runs.
+        progress: the latest value the job sent with ``report_progress``, or None.
+        stats: :class:`~poolkit.JobStats` once the job has run (None before, and
+            for a job that never ran or whose worker died).
+    """
+
+    def __init__(self, job_id: str, job_type: str | None) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.job_type = job_type
+        self.worker_id: int | None = None
+        self.pid: int | None = None
+        self.progress: Any = _NO_PROGRESS
+        self._raw_stats: tuple[Any, ...] | None = None
+        self._progress_callbacks: list[Callable[[JobFuture[T], Any], None]] = []
+        self._terminate: Callable[[JobFuture[Any]], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<JobFuture job_id={self.job_id!r} {self._state.lower()}>"
+
+    @property
+    def stats(self) -> JobStats | None:
+        raw = self._raw_stats
+        return None if raw is None else JobStats(*raw)
+
+    def add_progress_callback(self, fn: Callable[[JobFuture[T], Any], None]) -> None:
+        """Call ``fn(future, value)`` for each progress value the job reports.
+
+        Callbacks run in the pool's manager thread, in the order the values
+        were sent; keep them short. An exception in one is logged and ignored.
+        """
+        with self._condition:
+            self._progress_callbacks.append(fn)
+
+    def terminate(self) -> bool:
+        """Stop this job: cancel it if it has not started, else kill its worker.
+
+        The future ends cancelled and the pool replaces the worker. Returns
+        False if the job had already finished.
+        """
+        with self._condition:
+            if self._state == FINISHED:
+                return False
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+        if self.cancel():
+            return True
+        terminate = self._terminate
+        if terminate is not None:
+            terminate(self)
+        return True
+
+    # -- called by the manager thread only ------------------------------------
+
+    def _set_progress(self, value: Any) -> None:
+        self.progress = value
+        for callback in list(self._progress_callbacks):
+            try:
+                callback(self, value)
+            except Exception:
+                import logging
+
+                logging.getLogger("poolkit").exception("progress callback %r failed", callback)
+
+    def _force_cancel(self) -> bool:
+        """Cancel even a running future (its worker has been killed)."""
+        with self._condition:
+            if self._state == FINISHED:
+                return False
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            # Straight to CANCELLED_AND_NOTIFIED: wait() and as_completed()
+            # only count a cancelled future once its waiters were told.
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:  # type: ignore[attr-defined]
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+        return True

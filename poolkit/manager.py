@@ -1,0 +1,1156 @@
+"""The manager: the one thread that owns a pool's state.
+
+Everything that changes a pool's state happens here, in one loop shaped like
+gunicorn's arbiter::
+
+    wait on the selector (worker sockets, the template's control socket and a
+    wake-up pipe), with a timeout set by the next timer
+    -> read what arrived (results, progress, spawned/exited notices)
+    -> take what other threads asked for (jobs, terminate, stats, shutdown)
+    -> fire timers: kill jobs past their timeout, sample memory, retire old
+       and idle workers, SIGKILL workers that ignored SIGTERM
+    -> manage workers: spawn up to the target
+    -> dispatch pending jobs to ready workers, then write
+
+Other threads never touch this state: they append a command to ``_inbox``
+(a deque, safe to append from any thread) and write one byte to the wake-up
+pipe. The pipe is non-blocking and a full pipe is ignored, since a full pipe
+already means the manager will wake.
+
+Jobs are pipelined: a worker may hold a few jobs beyond the one it runs (the
+window adapts to the measured job duration: deep for tiny jobs, one for long
+ones). Workers run jobs in order and answer each, so the oldest unanswered
+job of a dead worker is the one that was running; the others had not started
+and are re-queued, never failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import InvalidStateError
+from pickle import UnpicklingError
+from typing import Any
+
+from . import wire
+from .config import PoolConfig
+from .errors import (
+    BrokenPool,
+    JobTimeout,
+    MemoryLimitExceeded,
+    WorkerCrashed,
+    describe_exit,
+)
+from .futures import JobFuture
+from .logs import EventLog
+from .serialization import attach_remote_traceback, dumps, loads
+from .stats import PoolStats, WorkerInfo
+
+__all__ = ["Job", "Manager"]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_MAX_WINDOW = 64
+_TINY_JOB = 0.002  # seconds: jobs shorter than this are worth pipelining
+_START_FAILURES_BEFORE_BROKEN = 3
+
+# Worker states
+STARTING = "starting"
+READY = "ready"
+RETIRING = "retiring"
+KILLING = "killing"
+
+_live_managers: weakref.WeakSet[Manager] = weakref.WeakSet()
+
+
+class Job:
+    """One submitted call, as the manager tracks it."""
+
+    __slots__ = (
+        "attempt",
+        "dispatched",
+        "future",
+        "meta",
+        "payload",
+        "retries_left",
+        "seq",
+        "started_at",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        seq: int,
+        future: JobFuture[Any],
+        payload: bytes,
+        meta: bytes,
+        timeout: float | None,
+        retries: int = 0,
+    ) -> None:
+        self.seq = seq
+        self.future = future
+        self.payload = payload
+        self.meta = meta
+        self.timeout = timeout
+        self.attempt = 1
+        self.retries_left = retries
+        self.dispatched = False
+        self.started_at = 0.0
+
+    def frame_parts(self) -> tuple[bytes, bytes]:
+        head = wire.JOB_HEAD.pack(self.seq, self.attempt, len(self.meta), self.timeout or 0.0)
+        size = len(head) + len(self.meta) + len(self.payload)
+        return wire.HEADER.pack(size, wire.Kind.JOB) + head + self.meta, self.payload
+
+
+class Worker:
+    """One worker process, as the manager tracks it."""
+
+    __slots__ = (
+        "born",
+        "cpu",
+        "eof",
+        "exit_deadline",
+        "idle_since",
+        "inflight",
+        "jobs_assigned",
+        "jobs_done",
+        "kill_reason",
+        "lifetime",
+        "max_jobs",
+        "outbox",
+        "pid",
+        "reader",
+        "retire_reason",
+        "retire_sent",
+        "rss",
+        "self_retired",
+        "sock",
+        "state",
+        "wants_write",
+        "worker_id",
+    )
+
+    def __init__(self, worker_id: int, sock: socket.socket, now: float) -> None:
+        self.worker_id = worker_id
+        self.sock = sock
+        self.reader = wire.FrameReader()
+        self.pid: int | None = None
+        self.state = STARTING
+        self.outbox: deque[bytes | memoryview] = deque()
+        self.wants_write = False
+        self.inflight: deque[Job] = deque()
+        self.jobs_assigned = 0
+        self.jobs_done = 0
+        self.max_jobs: int | None = None
+        self.lifetime: float | None = None
+        self.born = now
+        self.idle_since = now
+        self.retire_reason: str | None = None
+        self.retire_sent = False
+        self.kill_reason: str | None = None
+        self.exit_deadline: float | None = None
+        self.self_retired = False
+        self.eof = False
+        self.rss = 0
+        self.cpu = 0.0
+
+    @property
+    def live(self) -> bool:
+        return self.state in (STARTING, READY)
+
+
+class _StatsRequest:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: PoolStats | None = None
+
+
+def _fds_of_live_managers() -> list[int]:
+    fds: list[int] = []
+    for manager in list(_live_managers):
+        fds.extend(manager.owned_fds())
+    return fds
+
+
+def _forget_after_fork() -> None:
+    # A forked child holds copies of every pool's sockets; it must never write to them.
+    for manager in list(_live_managers):
+        manager.forked_away = True
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class Manager:
+    """Owns one pool's workers, jobs and template. Public methods are safe from any thread."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.log = EventLog(config.name)
+        self.owner_pid = os.getpid()
+        self.forked_away = False
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_pending = False
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._worker_ids = itertools.count(1)
+        self._workers: dict[int, Worker] = {}
+        self._pending: deque[Job] = deque()
+        self._config_bytes = dumps(config.worker_config())
+        self._template_pid: int | None = None
+        self._template_popen: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._control_reader = wire.FrameReader()
+        self._closing = False
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._start_failures = 0
+        self._ewma: float | None = None
+        self._next_memory_check = 0.0
+        self._debug = False
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("submitted", "done", "failed", "crashed", "timed_out", "cancelled", "spawned"), 0
+        )
+        self.retired: dict[str, int] = {}
+        self._final_stats: PoolStats | None = None
+        _live_managers.add(self)
+        self._start_template(config.start_method)
+        self._thread = threading.Thread(
+            target=self._run, name=f"poolkit-manager-{config.name}", daemon=True
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+
+    def owned_fds(self) -> list[int]:
+        fds = [self._wake_r, self._wake_w]
+        if self._control is not None:
+            fds.append(self._control.fileno())
+        for worker in list(self._workers.values()):
+            fds.append(worker.sock.fileno())
+        return [fd for fd in fds if fd >= 0]
+
+    def submit(self, job: Job) -> None:
+        self._inbox.append(("job", job))
+        self._wake()
+
+    def terminate(self, future: JobFuture[Any]) -> None:
+        self._inbox.append(("terminate", future))
+        self._wake()
+
+    def request_shutdown(self, cancel_futures: bool = False) -> None:
+        self._inbox.append(("shutdown", cancel_futures))
+        self._wake()
+
+    def join(self, timeout: float | None = None) -> None:
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def broken(self) -> BaseException | None:
+        return self._broken
+
+    def stats(self) -> PoolStats:
+        if not self._thread.is_alive():
+            return self._final_stats or self._snapshot()
+        request = _StatsRequest()
+        self._inbox.append(("stats", request))
+        self._wake()
+        while not request.done.wait(0.5):
+            if not self._thread.is_alive():
+                return self._final_stats or self._snapshot()
+        assert request.result is not None
+        return request.result
+
+    def _wake(self) -> None:
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # full pipe: the manager is about to wake anyway; closed: it is gone
+
+    # ------------------------------------------------------------ template
+
+    def _start_template(self, method: str) -> None:
+        parent_end, child_end = socket.socketpair()
+        if method == "fork":
+            close_in_child = _fds_of_live_managers() + [parent_end.fileno()]
+            main_thread = threading.current_thread() is threading.main_thread()
+            with warnings.catch_warnings():
+                # The template exists to make this the only fork from a threaded process.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # the template
+                for fd in close_in_child:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                if main_thread:
+                    from .worker import set_parent_death_signal
+
+                    set_parent_death_signal()
+                from .template import serve
+
+                serve(child_end, exec_workers=False, sys_path=list(sys.path))
+            self._template_pid = pid
+        else:
+            import json
+
+            fd = child_end.fileno()
+            self._template_popen = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "poolkit.template",
+                    str(fd),
+                    method,
+                    json.dumps(sys.path),
+                    json.dumps(list(self.config.preload)),
+                ],
+                pass_fds=[fd],
+                stdin=subprocess.DEVNULL,
+            )
+            self._template_pid = self._template_popen.pid
+        child_end.close()
+        parent_end.setblocking(True)
+        self._control = parent_end
+        self._control_reader = wire.FrameReader()
+        self._selector.register(parent_end, selectors.EVENT_READ, "control")
+
+    def _stop_template(self) -> None:
+        control = self._control
+        if control is not None:
+            self._selector.unregister(control)
+            control.close()
+            self._control = None
+        if self._template_popen is not None:
+            self._template_popen.wait()
+            self._template_popen = None
+        elif self._template_pid is not None:
+            try:
+                os.waitpid(self._template_pid, 0)
+            except ChildProcessError:
+                pass
+        self._template_pid = None
+
+    def _read_control(self, now: float) -> None:
+        assert self._control is not None
+        try:
+            data = self._control.recv(1 << 16)
+        except (ConnectionResetError, OSError):
+            data = b""
+        if not data:
+            self._template_died(now)
+            return
+        self._control_reader.feed(data)
+        for kind, body in self._control_reader.frames():
+            if kind == wire.Kind.SPAWNED:
+                worker_id, pid = wire.SPAWNED.unpack_from(body)
+                worker = self._workers.get(worker_id)
+                if worker is not None:
+                    worker.pid = pid
+            elif kind == wire.Kind.EXITED:
+                worker_id, pid, exitcode = wire.EXITED.unpack_from(body)
+                worker = self._workers.get(worker_id)
+                if worker is not None:
+                    self._worker_exited(worker, exitcode, now)
+
+    def _template_died(self, now: float) -> None:
+        """The template is gone, and its workers with it (parent-death signal): restart it."""
+        self._stop_template()
+        for worker in list(self._workers.values()):
+            self._worker_exited(worker, -signal.SIGKILL, now, why="its template process died")
+        if self._closing and not self._pending:
+            return
+        try:
+            # The pool's process has threads now: never fork it again; start a fresh interpreter.
+            method = "forkserver" if self.config.start_method == "fork" else self.config.start_method
+            self._start_template(method)
+        except Exception as exc:
+            self._break(BrokenPool(f"the pool's template process died and could not be restarted: {exc!r}"))
+
+    def _send_control(self, data: bytes, fds: list[int] | None = None) -> bool:
+        control = self._control
+        if control is None:
+            return False
+        try:
+            if fds:
+                socket.send_fds(control, [data], fds)
+            else:
+                control.sendall(data)
+        except OSError:
+            return False
+        return True
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        try:
+            self._manage_workers(time.monotonic())
+            while not self._closed:
+                timeout = self._next_timeout(time.monotonic())
+                events = self._selector.select(timeout)
+                now = time.monotonic()
+                self._debug = self.log.enabled(logging.DEBUG)
+                for key, mask in events:
+                    tag = key.data
+                    if tag == "wake":
+                        self._drain_wake()
+                    elif tag == "control":
+                        if self._control is not None:
+                            self._read_control(now)
+                    else:
+                        worker: Worker = tag
+                        if mask & selectors.EVENT_READ:
+                            self._read_worker(worker, now)
+                        if mask & selectors.EVENT_WRITE and worker.worker_id in self._workers:
+                            self._flush(worker)
+                self._take_inbox(now)
+                self._fire_timers(now)
+                self._manage_workers(now)
+                self._dispatch(now)
+                self._maybe_finish()
+        except BaseException as exc:  # a bug here must not leave futures hanging
+            self._break(BrokenPool(f"poolkit's manager thread failed: {exc!r}"))
+            self._kill_everything()
+            raise
+        finally:
+            self._final_stats = self._snapshot()
+            self._close_fds()
+
+    def _drain_wake(self) -> None:
+        # Empty the pipe first, then clear the flag: a submitter that still saw
+        # the flag set has already appended to the inbox, which is read after this.
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        self._wake_pending = False
+
+    def _take_inbox(self, now: float) -> None:
+        inbox = self._inbox
+        while inbox:
+            command, arg = inbox.popleft()
+            if command == "job":
+                self.counters["submitted"] += 1
+                if self._broken is not None:
+                    self._fail(arg, self._broken)
+                else:
+                    self._pending.append(arg)
+            elif command == "stats":
+                arg.result = self._snapshot()
+                arg.done.set()
+            elif command == "terminate":
+                self._terminate(arg, now)
+            elif command == "shutdown":
+                self._closing = True
+                if arg:  # cancel_futures
+                    while self._pending:
+                        job = self._pending.popleft()
+                        if job.future.cancel():
+                            self.counters["cancelled"] += 1
+                            job.future.set_running_or_notify_cancel()
+                        elif not job.future.done():
+                            self._fail(job, BrokenPool("the pool shut down"))
+
+    def _next_timeout(self, now: float) -> float | None:
+        soonest: float | None = None
+
+        def consider(when: float | None) -> None:
+            nonlocal soonest
+            if when is not None and (soonest is None or when < soonest):
+                soonest = when
+
+        config = self.config
+        for worker in self._workers.values():
+            consider(worker.exit_deadline)
+            if worker.inflight and worker.state in (READY, RETIRING):
+                head = worker.inflight[0]
+                if head.timeout is not None:
+                    consider(head.started_at + head.timeout)
+                if config.memory_limit_per_child is not None:
+                    consider(self._next_memory_check)
+            if worker.state == READY:
+                if worker.lifetime is not None:
+                    consider(worker.born + worker.lifetime)
+                if (
+                    config.idle_timeout is not None
+                    and not worker.inflight
+                    and len(self._workers) > config.min_workers
+                ):
+                    consider(worker.idle_since + config.idle_timeout)
+        if soonest is None:
+            return None
+        return max(0.0, soonest - now)
+
+    # ------------------------------------------------------------ workers
+
+    def _target_workers(self) -> int:
+        config = self.config
+        if self._closing:
+            return min(config.max_workers, self._busy_count() + len(self._pending))
+        if config.min_workers >= config.max_workers:
+            return config.max_workers
+        demand = self._busy_count() + len(self._pending)
+        return max(config.min_workers, min(config.max_workers, demand))
+
+    def _busy_count(self) -> int:
+        return sum(1 for w in self._workers.values() if w.live and w.inflight)
+
+    def _manage_workers(self, now: float) -> None:
+        if self._broken is not None or self._control is None:
+            return
+        live = sum(1 for w in self._workers.values() if w.live)
+        target = self._target_workers()
+        while live < target:
+            if not self._spawn(now):
+                break
+            live += 1
+
+    def _spawn(self, now: float) -> bool:
+        config = self.config
+        worker_id = next(self._worker_ids)
+        parent_end, child_end = socket.socketpair()
+        try:
+            ok = self._send_control(
+                wire.frame(wire.Kind.SPAWN, wire.WORKER_ID.pack(worker_id)), [child_end.fileno()]
+            )
+        finally:
+            child_end.close()
+        if not ok:
+            parent_end.close()
+            return False
+        parent_end.setblocking(False)
+        worker = Worker(worker_id, parent_end, now)
+        if config.max_tasks_per_child is not None:
+            n = config.max_tasks_per_child
+            worker.max_jobs = max(1, n - random.randint(0, int(n * config.recycle_jitter)))
+        if config.max_lifetime_per_child is not None:
+            worker.lifetime = config.max_lifetime_per_child * (
+                1.0 - random.uniform(0.0, config.recycle_jitter)
+            )
+        worker.outbox.append(
+            wire.frame(wire.Kind.CONFIG, wire.WORKER_ID.pack(worker_id), self._config_bytes)
+        )
+        self._workers[worker_id] = worker
+        self._selector.register(parent_end, selectors.EVENT_READ, worker)
+        self.counters["spawned"] += 1
+        self._flush(worker)
+        self.log.info("worker.spawned", worker_id=worker_id)
+        return True
+
+    def _retire(self, worker: Worker, reason: str) -> None:
+        """Retire gracefully: no new jobs; RETIRE once idle, so the finalizer runs and it exits 0."""
+        if worker.state in (RETIRING, KILLING):
+            return
+        worker.state = RETIRING
+        worker.retire_reason = reason
+        self.retired[reason] = self.retired.get(reason, 0) + 1
+        if not worker.inflight:
+            self._send_retire(worker)
+
+    def _send_retire(self, worker: Worker) -> None:
+        if worker.retire_sent:
+            return
+        worker.retire_sent = True
+        worker.outbox.append(wire.frame(wire.Kind.RETIRE))
+        self._flush(worker)
+        self.log.info(
+            "worker.retired", worker_id=worker.worker_id, pid=worker.pid, reason=worker.retire_reason
+        )
+
+    def _kill(self, worker: Worker, reason: str, signum: int, now: float) -> None:
+        """Stop a worker now. Jobs it had not started go back to the queue."""
+        if worker.state == KILLING:
+            if signum == signal.SIGKILL and worker.pid is not None:
+                self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signum)))
+            return
+        if worker.state != RETIRING:
+            self.retired[reason] = self.retired.get(reason, 0) + 1
+        worker.state = KILLING
+        worker.kill_reason = reason
+        if worker.inflight:
+            head = worker.inflight.popleft()
+            self._requeue(worker)
+            worker.inflight.appendleft(head)
+        if worker.pid is not None:
+            self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signum)))
+        worker.exit_deadline = now + self.config.kill_grace
+
+    def _requeue(self, worker: Worker) -> None:
+        """Put a worker's unanswered jobs back at the front of the queue, in order."""
+        jobs = worker.inflight
+        worker.inflight = deque()
+        for job in reversed(jobs):
+            job.future.worker_id = None
+            job.future.pid = None
+            self._pending.appendleft(job)
+
+    def _worker_exited(self, worker: Worker, exitcode: int, now: float, why: str | None = None) -> None:
+        if worker.sock.fileno() >= 0 and not worker.eof:
+            self._drain_worker(worker, now)  # results sent before death still count
+        if worker.worker_id not in self._workers:
+            return
+        del self._workers[worker.worker_id]
+        try:
+            self._selector.unregister(worker.sock)
+        except (KeyError, ValueError):
+            pass
+        worker.sock.close()
+        graceful = worker.self_retired or (worker.state == RETIRING and exitcode == 0)
+        if worker.state == STARTING:
+            self._start_failed(worker, exitcode)
+        if graceful:
+            self._requeue(worker)
+        elif worker.inflight:
+            head = worker.inflight.popleft()
+            self._requeue(worker)
+            if not head.future.done():
+                self._job_crashed(head, worker, exitcode, why)
+            if worker.kill_reason is None:
+                self.retired["crash"] = self.retired.get("crash", 0) + 1
+        elif worker.kill_reason is None and not graceful and exitcode != 0:
+            self.retired["crash"] = self.retired.get("crash", 0) + 1
+            self.log.warning(
+                "worker.crashed",
+                worker_id=worker.worker_id,
+                pid=worker.pid,
+                exit=describe_exit(exitcode),
+                job_id=None,
+            )
+
+    def _start_failed(self, worker: Worker, exitcode: int) -> None:
+        if self._broken is not None or worker.state != STARTING:
+            return
+        self._start_failures += 1
+        if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
+            self._break(
+                BrokenPool(
+                    f"{self._start_failures} workers in a row died while starting "
+                    f"(last: {describe_exit(exitcode)}); the pool is not usable"
+                )
+            )
+
+    def _job_crashed(self, job: Job, worker: Worker, exitcode: int, why: str | None) -> None:
+        if job.retries_left > 0:
+            job.retries_left -= 1
+            job.attempt += 1
+            self._pending.appendleft(job)
+            return
+        how = describe_exit(exitcode)
+        message = (
+            f"worker {worker.worker_id} (pid {worker.pid}) died with {how} while running "
+            f"job {job.future.job_id}"
+        )
+        if why:
+            message += f": {why}"
+        elif exitcode == -signal.SIGKILL:
+            message += " (SIGKILL: killed from outside, or by the kernel's OOM killer)"
+        self.counters["crashed"] += 1
+        self.log.warning(
+            "worker.crashed",
+            worker_id=worker.worker_id,
+            pid=worker.pid,
+            exit=how,
+            job_id=job.future.job_id,
+        )
+        self._fail(
+            job,
+            WorkerCrashed(
+                message,
+                exitcode=exitcode,
+                pid=worker.pid,
+                worker_id=worker.worker_id,
+                job_id=job.future.job_id,
+            ),
+        )
+
+    # ------------------------------------------------------------ reading
+
+    def _read_worker(self, worker: Worker, now: float) -> bool:
+        """Read once; True if data came (more may wait), False on would-block or end of stream."""
+        reader = worker.reader
+        try:
+            direct = reader.wants_direct()
+            if direct is not None:
+                n = worker.sock.recv_into(direct)
+                if n:
+                    reader.filled_direct(n)
+            else:
+                data = worker.sock.recv(1 << 20)
+                n = len(data)
+                if n:
+                    reader.feed(data)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            n = 0
+        if n == 0:
+            self._worker_eof(worker, now)
+            return False
+        self._handle_frames(worker, now)
+        return True
+
+    def _drain_worker(self, worker: Worker, now: float) -> None:
+        while worker.worker_id in self._workers and not worker.eof:
+            if not self._read_worker(worker, now):
+                return
+
+    def _worker_eof(self, worker: Worker, now: float) -> None:
+        if worker.eof:
+            return
+        worker.eof = True
+        try:
+            self._selector.unregister(worker.sock)
+        except (KeyError, ValueError):
+            pass
+        worker.outbox.clear()
+        if worker.exit_deadline is None:
+            # It closed its socket; if it does not exit by itself soon, kill it.
+            worker.exit_deadline = now + self.config.kill_grace
+
+    def _handle_frames(self, worker: Worker, now: float) -> None:
+        for kind, body in worker.reader.frames():
+            if kind == wire.Kind.RESULT:
+                self._on_result(worker, body, now)
+            elif kind == wire.Kind.PROGRESS:
+                (seq,) = wire.SEQ.unpack_from(body)
+                for job in worker.inflight:
+                    if job.seq == seq:
+                        try:
+                            value = loads(memoryview(body)[wire.SEQ.size :])
+                        except Exception:
+                            break
+                        job.future._set_progress(value)
+                        break
+            elif kind == wire.Kind.READY:
+                (pid,) = wire.PID.unpack_from(body)
+                worker.pid = pid
+                if worker.state == STARTING:
+                    worker.state = READY
+                    worker.idle_since = now
+                    self._start_failures = 0
+            elif kind == wire.Kind.RETIRING:
+                (rss,) = wire.PID.unpack_from(body)
+                worker.rss = rss
+                worker.self_retired = True
+                if worker.state in (READY, STARTING):
+                    worker.state = RETIRING
+                    worker.retire_reason = "memory"
+                    self.retired["memory"] = self.retired.get("memory", 0) + 1
+                    self.log.info(
+                        "worker.retired",
+                        worker_id=worker.worker_id,
+                        pid=worker.pid,
+                        reason="memory",
+                        rss=rss,
+                    )
+                self._requeue(worker)
+            elif kind == wire.Kind.INIT_FAILED:
+                try:
+                    exc, tb = loads(body)
+                    attach_remote_traceback(exc, tb)
+                except Exception as unpickling_error:
+                    exc = unpickling_error
+                error = BrokenPool(
+                    f"the initializer failed in worker {worker.worker_id}: {exc!r}; "
+                    "the pool is not usable"
+                )
+                error.__cause__ = exc
+                self._break(error)
+
+    def _on_result(self, worker: Worker, body: bytes | bytearray, now: float) -> None:
+        seq, outcome, wall, cpu, peak, rss = wire.RESULT_HEAD.unpack_from(body)
+        inflight = worker.inflight
+        if not inflight or inflight[0].seq != seq:
+            return  # a job we already gave up on (timed out, terminated)
+        job = inflight.popleft()
+        worker.jobs_done += 1
+        worker.rss = rss
+        worker.cpu += cpu
+        ewma = self._ewma
+        self._ewma = wall if ewma is None else ewma * 0.9 + wall * 0.1
+        if inflight:
+            head = inflight[0]
+            head.started_at = now
+            head.future.worker_id = worker.worker_id
+            head.future.pid = worker.pid
+        else:
+            worker.idle_since = now
+        retire_reason: str | None = None
+        if worker.max_jobs is not None and worker.jobs_done >= worker.max_jobs:
+            retire_reason = "tasks"
+        elif (
+            self.config.max_memory_per_child is not None
+            and rss > self.config.max_memory_per_child
+        ):
+            retire_reason = "memory"  # the worker leaves by itself (RETIRING follows)
+        future = job.future
+        future._raw_stats = (
+            wall, cpu, peak, rss, worker.worker_id, worker.pid or 0, job.attempt, retire_reason
+        )
+        if not future.done():
+            self._resolve(future, outcome, memoryview(body)[wire.RESULT_HEAD.size :])
+        if self._debug:
+            self.log.debug(
+                "job.done", job_id=future.job_id, worker_id=worker.worker_id, pid=worker.pid, wall=wall
+            )
+        if worker.state == RETIRING and not inflight and not worker.self_retired:
+            self._send_retire(worker)
+
+    def _resolve(self, future: JobFuture[Any], outcome: int, payload: memoryview) -> None:
+        try:
+            if outcome == wire.OUTCOME_VALUE:
+                future.set_result(loads(payload))
+                self.counters["done"] += 1
+                return
+            exc, tb = loads(payload)
+            attach_remote_traceback(exc, tb)
+        except InvalidStateError:
+            return
+        except Exception as error:
+            exc = UnpicklingError(
+                f"the result of job {future.job_id} could not be unpickled in the parent: {error!r}"
+            )
+            exc.__cause__ = error
+        self.counters["failed"] += 1
+        try:
+            future.set_exception(exc)
+        except InvalidStateError:
+            pass
+
+    # ------------------------------------------------------------ timers
+
+    def _fire_timers(self, now: float) -> None:
+        config = self.config
+        check_memory = (
+            config.memory_limit_per_child is not None and now >= self._next_memory_check
+        )
+        if check_memory:
+            self._next_memory_check = now + config.memory_check_interval
+        for worker in list(self._workers.values()):
+            if worker.exit_deadline is not None and now >= worker.exit_deadline:
+                worker.exit_deadline = now + config.kill_grace
+                if worker.pid is not None:
+                    self._send_control(
+                        wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL))
+                    )
+            if worker.state not in (READY, RETIRING):
+                continue
+            if worker.inflight:
+                head = worker.inflight[0]
+                if head.timeout is not None and now >= head.started_at + head.timeout:
+                    self._job_timed_out(worker, head, now)
+                    continue
+                if check_memory and worker.pid is not None:
+                    rss = _read_rss(worker.pid)
+                    assert config.memory_limit_per_child is not None
+                    if rss > config.memory_limit_per_child:
+                        self._memory_exceeded(worker, head, rss, now)
+                        continue
+            if worker.state != READY:
+                continue
+            if worker.lifetime is not None and now >= worker.born + worker.lifetime:
+                self._retire(worker, "lifetime")
+            elif (
+                config.idle_timeout is not None
+                and not worker.inflight
+                and now >= worker.idle_since + config.idle_timeout
+                and sum(1 for w in self._workers.values() if w.live) > config.min_workers
+            ):
+                self._retire(worker, "idle")
+
+    def _job_timed_out(self, worker: Worker, job: Job, now: float) -> None:
+        self.counters["timed_out"] += 1
+        self.log.warning(
+            "job.timeout",
+            worker_id=worker.worker_id,
+            pid=worker.pid,
+            job_id=job.future.job_id,
+            timeout=job.timeout,
+        )
+        self._kill(worker, "timeout", signal.SIGTERM, now)
+        if job.retries_left > 0:
+            worker.inflight.popleft()
+            job.retries_left -= 1
+            job.attempt += 1
+            self._pending.appendleft(job)
+            return
+        self._fail(
+            job,
+            JobTimeout(
+                f"job {job.future.job_id} ran past its timeout of {job.timeout:g} s; "
+                f"worker {worker.worker_id} (pid {worker.pid}) was stopped"
+            ),
+        )
+
+    def _memory_exceeded(self, worker: Worker, job: Job, rss: int, now: float) -> None:
+        limit = self.config.memory_limit_per_child
+        self.log.warning(
+            "worker.memory_limit",
+            worker_id=worker.worker_id,
+            pid=worker.pid,
+            job_id=job.future.job_id,
+            rss=rss,
+            limit=limit,
+        )
+        self._kill(worker, "memory_limit", signal.SIGKILL, now)
+        self.counters["crashed"] += 1
+        self._fail(
+            job,
+            MemoryLimitExceeded(
+                f"job {job.future.job_id} used too much memory: worker {worker.worker_id} "
+                f"(pid {worker.pid}) reached {rss / 2**20:.0f} MiB, over the "
+                f"memory_limit_per_child of {limit / 2**20:.0f} MiB, and was killed",  # type: ignore[operator]
+                exitcode=-signal.SIGKILL,
+                pid=worker.pid,
+                worker_id=worker.worker_id,
+                job_id=job.future.job_id,
+            ),
+        )
+
+    def _terminate(self, future: JobFuture[Any], now: float) -> None:
+        for index, job in enumerate(self._pending):
+            if job.future is future:
+                del self._pending[index]
+                if future._force_cancel():
+                    self.counters["cancelled"] += 1
+                return
+        for worker in self._workers.values():
+            for position, job in enumerate(worker.inflight):
+                if job.future is not future:
+                    continue
+                if future._force_cancel():
+                    self.counters["cancelled"] += 1
+                if position == 0 and worker.state != KILLING:
+                    self._kill(worker, "terminated", signal.SIGKILL, now)
+                return
+
+    # ------------------------------------------------------------ dispatch
+
+    def _window(self) -> int:
+        ewma = self._ewma
+        if ewma is None:
+            return 2
+        if ewma >= _TINY_JOB:
+            return 1
+        return min(_MAX_WINDOW, 1 + int(_TINY_JOB / max(ewma, 1e-6)))
+
+    def _dispatch(self, now: float) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        window = self._window()
+        ready = [w for w in self._workers.values() if w.state == READY]
+        if not ready:
+            return
+        touched: dict[int, Worker] = {}
+        while pending:
+            progressed = False
+            for worker in ready:
+                if not pending:
+                    break
+                room = window - len(worker.inflight)
+                if worker.max_jobs is not None:
+                    room = min(room, worker.max_jobs - worker.jobs_assigned)
+                if room <= 0:
+                    continue
+                job = pending.popleft()
+                future = job.future
+                if not job.dispatched:
+                    if not future.set_running_or_notify_cancel():
+                        self.counters["cancelled"] += 1
+                        progressed = True
+                        continue
+                    job.dispatched = True
+                elif future.done():
+                    progressed = True
+                    continue
+                if not worker.inflight:
+                    job.started_at = now
+                    future.worker_id = worker.worker_id
+                    future.pid = worker.pid
+                worker.inflight.append(job)
+                worker.jobs_assigned += 1
+                worker.outbox.extend(job.frame_parts())
+                touched[worker.worker_id] = worker
+                if worker.max_jobs is not None and worker.jobs_assigned >= worker.max_jobs:
+                    # Its last job: retire it now so the replacement forks while the job runs.
+                    self._retire(worker, "tasks")
+                progressed = True
+            if not progressed:
+                break
+        for worker in touched.values():
+            self._flush(worker)
+
+    def _flush(self, worker: Worker) -> None:
+        outbox = worker.outbox
+        sock = worker.sock
+        while outbox:
+            try:
+                sent = sock.sendmsg(list(itertools.islice(outbox, 0, 512)))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                outbox.clear()  # the worker is gone; its exit notice will follow
+                break
+            while sent:
+                first = outbox[0]
+                size = len(first)
+                if sent >= size:
+                    outbox.popleft()
+                    sent -= size
+                else:
+                    outbox[0] = memoryview(first)[sent:]
+                    sent = 0
+        wants_write = bool(outbox)
+        if wants_write != worker.wants_write and not worker.eof:
+            worker.wants_write = wants_write
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wants_write else 0)
+            try:
+                self._selector.modify(sock, events, worker)
+            except (KeyError, ValueError):
+                pass
+
+    # ------------------------------------------------------------ endings
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        future = job.future
+        if future.done():
+            return
+        if not job.dispatched:
+            job.dispatched = True
+            if not future.set_running_or_notify_cancel():
+                self.counters["cancelled"] += 1
+                return
+        if not isinstance(exc, (WorkerCrashed, JobTimeout)):
+            self.counters["failed"] += 1
+        try:
+            future.set_exception(exc)
+        except InvalidStateError:
+            pass
+
+    def _break(self, error: BaseException) -> None:
+        """The pool cannot go on: fail every job, stop every worker."""
+        if self._broken is not None:
+            return
+        self._broken = error
+        self.log.warning("pool.broken", error=str(error))
+        while self._pending:
+            self._fail(self._pending.popleft(), error)
+        now = time.monotonic()
+        for worker in list(self._workers.values()):
+            for job in worker.inflight:
+                self._fail(job, error)
+            worker.inflight.clear()
+            self._kill(worker, "shutdown", signal.SIGKILL, now)
+
+    def _maybe_finish(self) -> None:
+        if not self._closing or self._pending:
+            return
+        for worker in list(self._workers.values()):
+            if worker.state == READY and not worker.inflight:
+                self._retire(worker, "shutdown")
+        if self._workers:
+            return
+        self._stop_template()
+        self._closed = True
+        self.log.info("pool.shutdown", spawned=self.counters["spawned"])
+
+    def _kill_everything(self) -> None:
+        for worker in list(self._workers.values()):
+            if worker.pid is not None:
+                try:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        try:
+            self._stop_template()
+        except Exception:
+            pass
+
+    def _close_fds(self) -> None:
+        for worker in list(self._workers.values()):
+            worker.sock.close()
+        self._workers.clear()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _live_managers.discard(self)
+
+    # ------------------------------------------------------------ stats
+
+    def _snapshot(self) -> PoolStats:
+        now = time.monotonic()
+        workers = []
+        running = 0
+        for worker in self._workers.values():
+            running += 1 if worker.inflight else 0
+            workers.append(
+                WorkerInfo(
+                    worker_id=worker.worker_id,
+                    pid=worker.pid,
+                    state=worker.state,
+                    jobs_done=worker.jobs_done,
+                    rss=worker.rss,
+                    cpu_time=worker.cpu,
+                    age=now - worker.born,
+                    current_job=worker.inflight[0].future.job_id if worker.inflight else None,
+                )
+            )
+        return PoolStats(
+            workers=tuple(workers),
+            pending=len(self._pending),
+            running=running,
+            retired=dict(self.retired),
+            **self.counters,
+        )
+
+
+def _read_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def shutdown_all_at_exit(managers: Callable[[], list[Manager]] | None = None) -> None:
+    """At interpreter exit, let every pool of this process finish its jobs and stop its workers."""
+    for manager in list(_live_managers):
+        if manager.owner_pid != os.getpid() or manager.forked_away:
+            continue
+        manager.request_shutdown()
+    for manager in list(_live_managers):
+        if manager.owner_pid == os.getpid() and not manager.forked_away:
+            manager.join()

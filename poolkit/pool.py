@@ -1,0 +1,337 @@
+"""``Pool``: poolkit's public executor.
+
+``Pool`` is a :class:`concurrent.futures.Executor`. It checks the caller's
+input, pickles each job in the caller's thread (so a pickling error lands on
+that job's future and nowhere else) and hands it to its :class:`Manager`,
+which owns everything else. See ``docs/concepts.md`` for the life of a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import os
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+from . import batch as _batch
+from .config import PoolConfig
+from .errors import BrokenPool
+from .futures import JobFuture
+from .manager import Job, Manager, shutdown_all_at_exit
+from .serialization import dumps
+from .stats import PoolStats
+
+__all__ = ["JobOptions", "Pool"]
+
+T = TypeVar("T")
+
+atexit.register(shutdown_all_at_exit)
+
+
+class Pool(Executor):
+    """A pool of warm, forked worker processes that survives crashes.
+
+    Args:
+        max_workers: number of workers; default: the CPUs this process may use
+            (loky's ``cpu_count``, which reads cgroup limits and affinity).
+        mp_context: a ``multiprocessing`` context; only its start method is used.
+        initializer, initargs: run once in each worker before its first job.
+        start_method: ``"fork"`` (default on Linux: workers are forked from a
+            warm single-threaded template), ``"forkserver"`` (the template is a
+            fresh interpreter) or ``"spawn"`` (each worker is a fresh interpreter).
+        preload: modules the template imports so that workers start with them.
+        finalizer, finalargs: run in each worker when it retires or the pool
+            shuts down (close the database connection the initializer opened).
+        max_tasks_per_child: retire a worker after this many jobs (any start method).
+        recycle_jitter: 0..1; retire up to this fraction earlier, at random, so
+            that workers started together do not all retire together.
+        max_memory_per_child: retire a worker whose RSS after a job is above
+            this (bytes, or ``"512MiB"``).
+        memory_limit_per_child: kill a worker whose RSS goes above this *while*
+            a job runs; that job fails with :class:`~poolkit.MemoryLimitExceeded`.
+        max_lifetime_per_child: retire a worker after this many seconds.
+        idle_timeout: a worker idle this long exits (down to ``min_workers``).
+        min_workers: the floor for ``idle_timeout``; default ``max_workers``.
+        job_timeout: default per-job timeout in seconds; a job past it fails
+            with :class:`~poolkit.JobTimeout` and its worker is replaced.
+        kill_grace: seconds between SIGTERM and SIGKILL when stopping a worker.
+        name: a name for logs and stats.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Sequence[Any] = (),
+        *,
+        start_method: str | None = None,
+        preload: Sequence[str] = (),
+        finalizer: Callable[..., Any] | None = None,
+        finalargs: Sequence[Any] = (),
+        max_tasks_per_child: int | None = None,
+        recycle_jitter: float = 0.1,
+        max_memory_per_child: int | str | None = None,
+        memory_limit_per_child: int | str | None = None,
+        memory_check_interval: float = 0.01,
+        max_lifetime_per_child: float | None = None,
+        idle_timeout: float | None = None,
+        min_workers: int | None = None,
+        job_timeout: float | None = None,
+        kill_grace: float = 1.0,
+        name: str | None = None,
+    ) -> None:
+        self._config = PoolConfig.build(
+            max_workers=max_workers,
+            mp_context=mp_context,
+            start_method=start_method,
+            preload=preload,
+            initializer=initializer,
+            initargs=initargs,
+            finalizer=finalizer,
+            finalargs=finalargs,
+            max_tasks_per_child=max_tasks_per_child,
+            recycle_jitter=recycle_jitter,
+            max_memory_per_child=max_memory_per_child,
+            memory_limit_per_child=memory_limit_per_child,
+            memory_check_interval=memory_check_interval,
+            max_lifetime_per_child=max_lifetime_per_child,
+            idle_timeout=idle_timeout,
+            min_workers=min_workers,
+            job_timeout=job_timeout,
+            kill_grace=kill_grace,
+            name=name,
+        )
+        for module in self._config.preload:
+            __import__(module)  # the fork template inherits what the parent imported
+        self._seq = itertools.count(1)
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._manager = Manager(self._config)
+        self._given_ids: set[str] = set()
+        self._given_ids_lock = threading.Lock()
+        # A pool dropped without shutdown() still lets its jobs finish, then stops.
+        weakref.finalize(self, self._manager.request_shutdown)
+
+    # ------------------------------------------------------------ submit
+
+    @property
+    def max_workers(self) -> int:
+        return self._config.max_workers
+
+    @property
+    def config(self) -> PoolConfig:
+        return self._config
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture[T]:
+        """Run ``fn(*args, **kwargs)`` in a worker; every keyword goes to ``fn``.
+
+        Per-job options (timeout, job id and type, retries) go through
+        :meth:`options`. A pickling error is set on the returned future.
+        """
+        return self._submit(fn, args, kwargs, None, None, None, 0)
+
+    def options(
+        self,
+        *,
+        timeout: float | None = None,
+        job_id: str | None = None,
+        job_type: str | None = None,
+        retries: int = 0,
+    ) -> JobOptions:
+        """Per-job options: ``pool.options(timeout=30, job_type="backup").submit(fn, x)``."""
+        return JobOptions(self, timeout=timeout, job_id=job_id, job_type=job_type, retries=retries)
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        job_id: str | None,
+        job_type: str | None,
+        retries: int,
+    ) -> JobFuture[Any]:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        manager = self._manager
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if manager.owner_pid != os.getpid():
+            raise RuntimeError(
+                f"this pool belongs to process {manager.owner_pid}; a forked child cannot use it"
+            )
+        if manager.broken is not None:
+            raise BrokenPool(str(manager.broken)) from manager.broken
+        seq = next(self._seq)
+        if job_id is None:
+            future: JobFuture[Any] = JobFuture(str(seq), job_type)
+        else:
+            with self._given_ids_lock:
+                if job_id in self._given_ids:
+                    raise ValueError(f"job_id {job_id!r} is already in use by an unfinished job")
+                self._given_ids.add(job_id)
+            future = JobFuture(job_id, job_type)
+            future.add_done_callback(self._release_id)
+        future._terminate = manager.terminate
+        try:
+            payload = dumps((fn, args, kwargs))
+        except Exception as exc:  # unpicklable function or argument: this future only
+            future.set_running_or_notify_cancel()
+            future.set_exception(exc)
+            return future
+        meta = b"" if job_id is None and job_type is None else dumps((future.job_id, job_type))
+        if timeout is None:
+            timeout = self._config.job_timeout
+        manager.submit(Job(seq, future, payload, meta, timeout, retries))
+        return future
+
+    def _release_id(self, future: Future[Any]) -> None:
+        with self._given_ids_lock:
+            self._given_ids.discard(future.job_id)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ batch
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``: results in order, the first exception raised when reached.
+
+        All inputs are taken at once (as the standard library does, so jobs run
+        even if the results are never read). ``chunksize=None`` chooses chunk
+        sizes from the measured duration of the first calls.
+        """
+        return _batch.map_ordered(self, fn, iterables, timeout=timeout, chunksize=chunksize)
+
+    def imap_unordered(
+        self, fn: Callable[[Any], T], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> Iterator[T]:
+        """Results as they complete, reading ``iterable`` lazily with a bounded number in flight."""
+        return _batch.imap_unordered(self, fn, iterable, chunksize=chunksize)
+
+    def batch(
+        self,
+        fn: Callable[[Any], T],
+        iterable: Iterable[Any],
+        *,
+        retries: int = 0,
+        retry_exceptions: bool = False,
+        timeout: float | None = None,
+        ordered: bool = True,
+        chunksize: int | None = None,
+        max_in_flight: int | None = None,
+    ) -> Iterator[_batch.Outcome[T]]:
+        """Run ``fn`` on every input; yield an :class:`~poolkit.Outcome` per input, never stopping at a failure."""
+        return _batch.run_batch(
+            self,
+            fn,
+            iterable,
+            retries=retries,
+            retry_exceptions=retry_exceptions,
+            timeout=timeout,
+            ordered=ordered,
+            chunksize=chunksize,
+            max_in_flight=max_in_flight,
+        )
+
+    # ------------------------------------------------------------ asyncio
+
+    async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``await pool.run(fn, *args)``: submit and await the result without a thread per job."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    async def as_completed_async(self, futures: Iterable[Future[T]]) -> AsyncIterator[Future[T]]:
+        """Yield ``futures`` as they complete, inside an event loop."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Future[T]] = asyncio.Queue()
+        pending = list(futures)
+        for future in pending:
+            future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, f))
+        for _ in range(len(pending)):
+            yield await queue.get()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the workers and counters; cheap enough to call every second."""
+        return self._manager.stats()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking jobs; finish those queued (unless ``cancel_futures``), retire every worker.
+
+        With ``wait=True`` it returns once every worker and the template have
+        exited and every file descriptor of the pool is closed.
+        """
+        with self._shutdown_lock:
+            self._shutdown = True
+        if self._manager.owner_pid != os.getpid():
+            return
+        self._manager.request_shutdown(cancel_futures)
+        if wait:
+            self._manager.join()
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else "running"
+        return f"<poolkit.Pool {self._config.name!r} max_workers={self._config.max_workers} {state}>"
+
+
+class JobOptions:
+    """Per-job options bound to a pool; made by :meth:`Pool.options`."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        timeout: float | None,
+        job_id: str | None,
+        job_type: str | None,
+        retries: int,
+    ) -> None:
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if job_id is not None and not isinstance(job_id, str):
+            raise TypeError(f"job_id must be a string, got {job_id!r}")
+        if job_type is not None and not isinstance(job_type, str):
+            raise TypeError(f"job_type must be a string, got {job_type!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        self._pool = pool
+        self.timeout = None if timeout is None else float(timeout)
+        self.job_id = job_id
+        self.job_type = job_type
+        self.retries = retries
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture[T]:
+        return self._pool._submit(
+            fn, args, kwargs, self.timeout, self.job_id, self.job_type, self.retries
+        )
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+    ) -> Iterator[T]:
+        """Ordered results, one job per input, each under these options."""
+        futures = [self._one(fn, args) for args in zip(*iterables)]
+        return _batch.iterate_in_order(futures, timeout)
+
+    def _one(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> JobFuture[Any]:
+        return self._pool._submit(fn, args, {}, self.timeout, None, self.job_type, self.retries)

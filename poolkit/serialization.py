@@ -1,0 +1,73 @@
+"""How jobs and results are turned into bytes.
+
+Jobs must accept lambdas, closures and functions defined in ``__main__``, which
+plain :mod:`pickle` refuses or pickles by a reference the worker cannot
+resolve. :mod:`cloudpickle` handles them, but pickling everything with it costs
+about ten times more than :mod:`pickle` for an ordinary module-level function.
+So poolkit pickles with the C pickler and hands only the objects that need it
+(functions and classes that cannot be found again by module and name) to
+cloudpickle, through ``reducer_override``. The result is plain pickle data that
+:func:`pickle.loads` reads back.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import traceback
+import types
+from typing import Any
+
+import cloudpickle
+
+from .errors import RemoteTraceback
+
+__all__ = ["PROTOCOL", "dumps", "loads", "attach_remote_traceback", "format_exception"]
+
+PROTOCOL = 5
+
+loads = pickle.loads
+
+
+def _importable(obj: Any) -> bool:
+    """True if ``pickle`` can find ``obj`` again by its module and qualified name."""
+    module_name = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if module_name is None or qualname is None or module_name == "__main__":
+        return False
+    if "<locals>" in qualname or "<lambda>" in qualname:
+        return False
+    module = sys.modules.get(module_name)
+    if module is None:
+        return False
+    found: Any = module
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return False
+    return found is obj
+
+
+class _JobPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (types.FunctionType, type)) and not _importable(obj):
+            return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
+        return NotImplemented
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` so that a worker (or the parent) can load it with :func:`pickle.loads`."""
+    buffer = io.BytesIO()
+    _JobPickler(buffer, protocol=PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def attach_remote_traceback(exc: BaseException, tb_text: str) -> BaseException:
+    """Chain the worker's traceback to ``exc`` as its ``__cause__``, as the stdlib does."""
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb_text}"""')
+    return exc

@@ -1,0 +1,83 @@
+"""Figures poolkit keeps about jobs, workers and the pool.
+
+Plain frozen dataclasses: a snapshot never changes under the reader, and the
+manager, which owns the live numbers, is the only one that builds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["JobStats", "PoolStats", "WorkerInfo", "RETIRE_REASONS"]
+
+RETIRE_REASONS = (
+    "tasks",
+    "memory",
+    "lifetime",
+    "idle",
+    "timeout",
+    "memory_limit",
+    "terminated",
+    "crash",
+    "shutdown",
+)
+
+
+@dataclass(frozen=True)
+class JobStats:
+    """What one job cost, measured inside its worker.
+
+    Attributes:
+        wall_time: seconds from the job's start to its end, in the worker.
+        cpu_time: CPU seconds the worker process used during the job.
+        peak_rss: the worker's peak resident memory during the job, in bytes.
+        rss_after: the worker's resident memory right after the job, in bytes.
+        worker_id, pid: who ran it.
+        attempt: 1 for the first run, more when retried.
+        worker_retired: why the worker was retired after this job, if it was.
+    """
+
+    wall_time: float
+    cpu_time: float
+    peak_rss: int
+    rss_after: int
+    worker_id: int
+    pid: int
+    attempt: int
+    worker_retired: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker, as the pool sees it at the time of the snapshot."""
+
+    worker_id: int
+    pid: int | None
+    state: str
+    jobs_done: int
+    rss: int
+    cpu_time: float
+    age: float
+    current_job: str | None
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of the pool: its workers and its counters since it started."""
+
+    workers: tuple[WorkerInfo, ...]
+    submitted: int
+    done: int
+    failed: int
+    crashed: int
+    timed_out: int
+    cancelled: int
+    spawned: int
+    pending: int
+    running: int
+    retired: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def recycled(self) -> int:
+        """Workers retired for any reason but shutdown."""
+        return sum(n for reason, n in self.retired.items() if reason != "shutdown")

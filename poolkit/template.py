@@ -1,0 +1,225 @@
+"""The template: a single-threaded process that forks workers on request.
+
+Forking from the user's process is unsafe once it has threads (the pool's own
+manager thread makes it so): a lock held by another thread at the moment of
+the fork stays locked forever in the child. So each pool starts one template
+process early, while it is cheap to copy, and every worker is forked from the
+template instead. The template never runs a job; it only
+
+* forks a worker when the pool sends SPAWN (the worker's socket arrives as
+  SCM_RIGHTS on the control socket),
+* reaps its children (SIGCHLD through a wake-up fd) and reports each exit
+  status with EXITED, then kills what is left of the worker's process group
+  so that a job's own children die with it,
+* sends signals to its workers on KILL (it knows which pids are still its
+  unreaped children, so a signal never reaches a recycled pid),
+* exits when the control socket reaches end of stream, killing any worker
+  still alive: that is what happens when the pool's process dies.
+
+With ``start_method="fork"`` the template is an ``os.fork()`` of the pool's
+process; with ``"forkserver"`` and ``"spawn"`` it is a fresh interpreter, and
+with ``"spawn"`` each worker also ``exec``s a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+from collections import deque
+
+from . import wire
+from .worker import set_parent_death_signal
+
+__all__ = ["serve", "main"]
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return 255
+
+
+class _Template:
+    def __init__(self, control: socket.socket, exec_workers: bool, sys_path: list[str]) -> None:
+        self.control = control
+        self.exec_workers = exec_workers
+        self.sys_path = sys_path
+        self.reader = wire.FrameReader()
+        self.fds: deque[int] = deque()
+        self.children: dict[int, int] = {}  # pid -> worker_id
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.selector = selectors.DefaultSelector()
+
+    def run(self) -> None:
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.control.setblocking(True)
+        self.selector.register(self.control, selectors.EVENT_READ)
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj is self.control:
+                    if not self.read_control():
+                        self.kill_all()
+                        return
+                else:
+                    try:
+                        while os.read(self.wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+            self.reap()
+
+    def read_control(self) -> bool:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.control, 1 << 16, 64)
+        except InterruptedError:
+            return True
+        except OSError:
+            return False
+        self.fds.extend(fds)
+        if not data:
+            return False
+        self.reader.feed(data)
+        for kind, body in self.reader.frames():
+            if kind == wire.Kind.SPAWN:
+                (worker_id,) = wire.WORKER_ID.unpack_from(body)
+                self.fork_worker(worker_id, self.fds.popleft())
+            elif kind == wire.Kind.KILL:
+                pid, signum = wire.KILL.unpack_from(body)
+                if pid in self.children:
+                    self.signal_group(pid, signum)
+        return True
+
+    @staticmethod
+    def signal_group(pid: int, signum: int) -> None:
+        try:
+            os.killpg(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def fork_worker(self, worker_id: int, fd: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            self.become_worker(fd)
+        os.close(fd)
+        self.children[pid] = worker_id
+        self.send(wire.frame(wire.Kind.SPAWNED, wire.SPAWNED.pack(worker_id, pid)))
+
+    def become_worker(self, fd: int) -> None:
+        code = 70
+        try:
+            os.setpgid(0, 0)
+            set_parent_death_signal()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self.selector.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            self.control.close()
+            for other in self.fds:
+                os.close(other)
+            if self.exec_workers:
+                os.set_inheritable(fd, True)
+                os.execv(
+                    sys.executable,
+                    [sys.executable, "-m", "poolkit.worker", str(fd), json.dumps(self.sys_path)],
+                )
+            from .worker import serve
+
+            serve(socket.socket(fileno=fd))
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.control.sendall(data)
+        except OSError:
+            pass  # the pool is gone; end of stream on the next read ends the template
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker_id = self.children.pop(pid, None)
+            if worker_id is None:
+                continue
+            # A job's own children die with their worker (unless they left its group).
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.send(
+                wire.frame(wire.Kind.EXITED, wire.EXITED.pack(worker_id, pid, _exit_code(status)))
+            )
+
+    def kill_all(self) -> None:
+        for pid in list(self.children):
+            self.signal_group(pid, signal.SIGKILL)
+        for pid in list(self.children):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.children.clear()
+
+
+def serve(control: socket.socket, *, exec_workers: bool, sys_path: list[str]) -> None:
+    """Run the template loop; never returns (leaves through ``os._exit``)."""
+    code = 0
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    try:
+        _Template(control, exec_workers, sys_path).run()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def main() -> None:
+    """Entry point of a template started as a fresh interpreter (forkserver and spawn)."""
+    fd = int(sys.argv[1])
+    exec_workers = sys.argv[2] == "spawn"
+    sys_path = json.loads(sys.argv[3])
+    preload = json.loads(sys.argv[4])
+    sys.path[:] = sys_path
+    set_parent_death_signal()
+    for module in preload:
+        __import__(module)
+    serve(socket.socket(fileno=fd), exec_workers=exec_workers, sys_path=sys_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The wire protocol between the pool, its template and its workers.
+
+Every message is one frame: a 9-byte header (body length as an unsigned 64-bit
+little-endian integer, then a one-byte kind) followed by the body. Frames travel
+over inherited ``socketpair`` sockets, never over a listening socket, so only
+the pool's own processes can talk to each other.
+
+Message kinds are small integers; each body layout is a fixed ``struct`` prefix
+followed, where needed, by pickled bytes. Fixed prefixes keep the per-job cost
+to a few ``struct`` calls instead of a pickle of a message object.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from collections.abc import Iterator
+
+__all__ = ["HEADER", "FrameReader", "Kind", "frame", "recv_frame_blocking"]
+
+HEADER = struct.Struct("<QB")
+
+
+class Kind(enum.IntEnum):
+    # parent -> worker
+    CONFIG = 1  # <q worker_id> + pickled WorkerConfig
+    JOB = 2  # JOB_HEAD + meta pickle + payload pickle
+    RETIRE = 3  # empty: finish, run the finalizer, exit 0
+    # worker -> parent
+    READY = 10  # <q pid>
+    RESULT = 11  # RESULT_HEAD + pickled value or (exception, traceback text)
+    PROGRESS = 12  # <Q seq> + pickled value
+    INIT_FAILED = 13  # pickled (exception, traceback text)
+    RETIRING = 14  # <q rss>: leaving after the last RESULT (RSS above max_memory_per_child)
+    # parent -> template
+    SPAWN = 20  # <q worker_id>, the worker's socket travels as SCM_RIGHTS
+    KILL = 21  # <qi pid signal>
+    # template -> parent
+    SPAWNED = 30  # <qq worker_id pid>
+    EXITED = 31  # <qqi worker_id pid exitcode>, exitcode negative for a signal
+
+
+# seq, attempt, meta length, timeout (0.0 = none)
+JOB_HEAD = struct.Struct("<QHId")
+# seq, outcome, wall s, cpu s, peak rss bytes, rss after bytes
+RESULT_HEAD = struct.Struct("<QBddqq")
+OUTCOME_VALUE = 1
+OUTCOME_ERROR = 0
+WORKER_ID = struct.Struct("<q")
+PID = struct.Struct("<q")
+SEQ = struct.Struct("<Q")
+SPAWNED = struct.Struct("<qq")
+EXITED = struct.Struct("<qqi")
+KILL = struct.Struct("<qi")
+
+
+def frame(kind: Kind, *parts: bytes) -> bytes:
+    """One frame as bytes: header and the concatenated body ``parts``."""
+    body = b"".join(parts)
+    return HEADER.pack(len(body), kind) + body
+
+
+class FrameReader:
+    """Cuts a byte stream into frames.
+
+    ``feed`` takes what ``recv`` returned; ``frames`` yields every complete
+    ``(kind, body)``. A large frame whose header has arrived gets a buffer of
+    its exact size, so a 64 MiB payload is copied once, not once per chunk.
+    """
+
+    __slots__ = ("_buffer", "_big", "_big_kind", "_big_filled")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._big: bytearray | None = None
+        self._big_kind = 0
+        self._big_filled = 0
+
+    def wants_direct(self) -> memoryview | None:
+        """Where the next ``recv_into`` should write, when a large frame is being filled."""
+        if self._big is None:
+            return None
+        return memoryview(self._big)[self._big_filled :]
+
+    def filled_direct(self, n: int) -> None:
+        self._big_filled += n
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._buffer += data
+
+    def frames(self) -> Iterator[tuple[int, bytes | bytearray]]:
+        if self._big is not None:
+            if self._big_filled < len(self._big):
+                return
+            big, kind = self._big, self._big_kind
+            self._big = None
+            yield kind, big
+        buffer = self._buffer
+        offset = 0
+        size = len(buffer)
+        header_size = HEADER.size
+        while size - offset >= header_size:
+            length, kind = HEADER.unpack_from(buffer, offset)
+            start = offset + header_size
+            end = start + length
+            if end > size:
+                if length >= 1 << 20:
+                    # Large frame: give it its own buffer and fill it in place.
+                    self._big = bytearray(length)
+                    have = size - start
+                    self._big[:have] = buffer[start:size]
+                    self._big_filled = have
+                    self._big_kind = kind
+                    offset = size
+                break
+            yield kind, buffer[start:end]
+            offset = end
+        if offset:
+            del buffer[:offset]
+
+
+def recv_frame_blocking(sock: socket.socket, reader: FrameReader) -> Iterator[tuple[int, bytes | bytearray]]:
+    """Block until at least one frame is complete, then yield all complete frames.
+
+    Returns without yielding at end of stream.
+    """
+    while True:
+        got_any = False
+        for item in reader.frames():
+            got_any = True
+            yield item
+        if got_any:
+            return
+        direct = reader.wants_direct()
+        if direct is not None:
+            n = sock.recv_into(direct)
+            if n == 0:
+                return
+            reader.filled_direct(n)
+            continue
+        data = sock.recv(1 << 18)
+        if not data:
+            return
+        reader.feed(data)

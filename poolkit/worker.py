@@ -1,0 +1,255 @@
+"""The worker: the loop that runs inside each child process.
+
+A worker reads frames from its one socket to the pool, runs each job in order
+and writes one RESULT frame per job. It decides nothing about scheduling; it
+only reports, after each job, what it measured (wall and CPU time, peak RSS
+during the job, RSS after it). Two rules make crash handling exact:
+
+* jobs run strictly in the order they arrive, and every job gets exactly one
+  RESULT before the next job starts, so the pool knows that the oldest
+  unanswered job is the one a dead worker was running;
+* when the worker retires on its own (RSS above ``max_memory_per_child``) it
+  sends RESULT of its last job, then RETIRING, then exits 0; jobs it had
+  received but not started are still unanswered, and the pool re-queues them.
+  A job that calls ``os._exit(0)`` sends no RETIRING, so it is a crash.
+
+The worker always leaves through ``os._exit`` so that ``atexit`` handlers
+inherited from the parent (a fork copies them) never run twice.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from . import context, wire
+from .config import WorkerConfig
+from .serialization import dumps, format_exception, loads
+
+__all__ = ["serve", "main"]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _pickled_error(exc: BaseException) -> bytes:
+    """Pickle (exception, traceback text); fall back to a plain RuntimeError if the exception will not pickle."""
+    tb = format_exception(exc)
+    try:
+        return dumps((exc, tb))
+    except Exception as pickling_error:
+        fallback = RuntimeError(
+            f"{type(exc).__name__}: {exc} (the original exception could not be pickled: "
+            f"{pickling_error!r})"
+        )
+        return dumps((fallback, tb))
+
+
+class _Memory:
+    """Reads this process's RSS and resets its peak, with file descriptors kept open."""
+
+    def __init__(self) -> None:
+        try:
+            self._statm: int | None = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._statm = None
+        try:
+            self._clear_refs: int | None = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            self._clear_refs = None
+
+    def reset_peak(self) -> None:
+        if self._clear_refs is not None:
+            try:
+                os.write(self._clear_refs, b"5")
+            except OSError:
+                self._clear_refs = None
+
+    def rss(self) -> int:
+        if self._statm is not None:
+            try:
+                return int(os.pread(self._statm, 128, 0).split()[1]) * _PAGE
+            except (OSError, ValueError, IndexError):
+                pass
+        return 0
+
+    @staticmethod
+    def peak() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Channel:
+    """The worker's end of its socket: blocking sends for results, non-blocking ones for progress."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = wire.FrameReader()
+        self._pending_progress: bytes | None = None
+
+    def send(self, data: bytes) -> None:
+        self.flush_progress(block=True)
+        self.sock.sendall(data)
+
+    def progress(self, seq: int, value: Any) -> None:
+        data = wire.frame(wire.Kind.PROGRESS, wire.SEQ.pack(seq), dumps(value))
+        self._pending_progress = data
+        self.flush_progress(block=False)
+
+    def flush_progress(self, *, block: bool) -> None:
+        data = self._pending_progress
+        if data is None:
+            return
+        if block:
+            self._pending_progress = None
+            self.sock.sendall(data)
+            return
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # parent is slow: keep only the latest value, send it later
+        self._pending_progress = None
+        if sent < len(data):
+            # A frame must never be cut: finish the small remainder blocking.
+            self.sock.sendall(data[sent:])
+
+
+def _run_job(
+    channel: _Channel,
+    body: bytes | bytearray,
+    worker_id: int,
+    memory: _Memory,
+) -> None:
+    seq, attempt, meta_len, timeout = wire.JOB_HEAD.unpack_from(body)
+    offset = wire.JOB_HEAD.size
+    job_id: str = str(seq)
+    job_type: str | None = None
+    if meta_len:
+        job_id, job_type = loads(memoryview(body)[offset : offset + meta_len])
+    payload = memoryview(body)[offset + meta_len :]
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    memory.reset_peak()
+    deadline = time.monotonic() + timeout if timeout else None
+    context.enter_job(
+        context.JobContext(job_id, job_type, worker_id, attempt, deadline),
+        lambda value: channel.progress(seq, value),
+    )
+    try:
+        fn, args, kwargs = loads(payload)
+        del payload
+        value = fn(*args, **kwargs)
+        outcome = wire.OUTCOME_VALUE
+        try:
+            data = dumps(value)
+        except BaseException as exc:  # the result itself will not pickle
+            outcome = wire.OUTCOME_ERROR
+            data = _pickled_error(exc)
+        del value
+    except BaseException as exc:  # the job's own exception, SystemExit included
+        outcome = wire.OUTCOME_ERROR
+        data = _pickled_error(exc)
+    finally:
+        context.leave_job()
+    head = wire.RESULT_HEAD.pack(
+        seq,
+        outcome,
+        time.perf_counter() - started,
+        time.process_time() - cpu_started,
+        memory.peak(),
+        memory.rss(),
+    )
+    channel.send(wire.HEADER.pack(len(head) + len(data), wire.Kind.RESULT) + head + data)
+
+
+def _finalize(config: WorkerConfig) -> None:
+    if config.finalizer is None:
+        return
+    try:
+        config.finalizer(*config.finalargs)
+    except BaseException as exc:
+        sys.stderr.write(f"poolkit: finalizer of worker failed: {format_exception(exc)}")
+
+
+def _exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def serve(sock: socket.socket) -> None:
+    """Run the worker loop on ``sock`` until told to retire or the pool goes away; never returns."""
+    sock.setblocking(True)
+    channel = _Channel(sock)
+    frames = wire.recv_frame_blocking(sock, channel.reader)
+    first = next(frames, None)
+    if first is None or first[0] != wire.Kind.CONFIG:
+        _exit(3)
+    assert first is not None
+    body = first[1]
+    (worker_id,) = wire.WORKER_ID.unpack_from(body)
+    config: WorkerConfig = loads(memoryview(body)[wire.WORKER_ID.size :])
+    memory = _Memory()
+    if config.initializer is not None:
+        try:
+            config.initializer(*config.initargs)
+        except BaseException as exc:
+            channel.send(wire.frame(wire.Kind.INIT_FAILED, _pickled_error(exc)))
+            _exit(1)
+    channel.send(wire.frame(wire.Kind.READY, wire.PID.pack(os.getpid())))
+    limit = config.max_memory_per_child
+    while True:
+        got_frame = False
+        for kind, body in wire.recv_frame_blocking(sock, channel.reader):
+            got_frame = True
+            if kind == wire.Kind.JOB:
+                _run_job(channel, body, worker_id, memory)
+                if limit is not None and memory.rss() > limit:
+                    # Too big to take another job: leave now; unstarted jobs stay
+                    # unanswered and the pool re-queues them.
+                    channel.send(wire.frame(wire.Kind.RETIRING, wire.PID.pack(memory.rss())))
+                    _finalize(config)
+                    _exit(0)
+            elif kind == wire.Kind.RETIRE:
+                _finalize(config)
+                _exit(0)
+        if not got_frame:  # end of stream: the pool is gone
+            _finalize(config)
+            _exit(0)
+
+
+def set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of a worker started by exec (``start_method="spawn"``)."""
+    import json
+
+    args = sys.argv[1:] if argv is None else argv
+    fd = int(args[0])
+    if len(args) > 1:
+        sys.path[:] = json.loads(args[1])
+    sock = socket.socket(fileno=fd)
+    serve(sock)
+
+
+if __name__ == "__main__":
+    main()
