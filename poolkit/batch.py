@@ -15,6 +15,7 @@ consumer's thread.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -27,11 +28,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import JobTimeout, WorkerCrashed
+from .futures import JobFuture
 
 if TYPE_CHECKING:
     from .pool import Pool
 
-__all__ = ["Outcome", "TARGET_CHUNK_SECONDS", "imap_unordered", "iterate_in_order", "map_ordered", "run_batch"]
+__all__ = ["TARGET_CHUNK_SECONDS", "Outcome", "imap_unordered", "iterate_in_order", "map_ordered", "run_batch"]
 
 T = TypeVar("T")
 
@@ -202,7 +204,7 @@ def map_ordered(
     if not callable(fn):
         raise TypeError(f"{fn!r} is not callable")
     deadline = None if timeout is None else time.monotonic() + timeout
-    items = list(zip(*iterables))
+    items = list(zip(*iterables, strict=False))
     feeder = _OrderedFeeder(pool, fn, items, chunksize)
     feeder.pump()
     if not items:
@@ -235,7 +237,7 @@ _DONE: Future[Any] = Future()
 _DONE.set_result([])
 
 
-def iterate_in_order(futures: list[Future[T]], timeout: float | None) -> Iterator[T]:
+def iterate_in_order(futures: list[JobFuture[T]], timeout: float | None) -> Iterator[T]:
     """Yield each future's result in order (stdlib ``map`` semantics); cancel the rest on exit."""
     deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -286,9 +288,9 @@ class _LazyFeeder:
                 return
             future = self.submit_chunk([item for _, item in chunk])
             self.in_flight += 1
-            future.add_done_callback(lambda f, c=chunk: self._done(f, c))
+            future.add_done_callback(functools.partial(self._done, chunk=chunk))
 
-    def _done(self, future: Future[Any], chunk: list[tuple[int, Any]]) -> None:
+    def _done(self, future: Future[Any], *, chunk: list[tuple[int, Any]]) -> None:
         seconds = _chunk_seconds(future)
         if seconds is not None:
             self.chunker.record(len(chunk), seconds)
@@ -427,7 +429,7 @@ def _batch_outcomes(
                 for index, item in chunk
             ]
         out = []
-        for (index, item), (ok, value, wall, cpu) in zip(chunk, records):
+        for (index, item), (ok, value, wall, cpu) in zip(chunk, records, strict=False):
             if ok:
                 out.append(Outcome(index, item, True, value, None, None, None, attempts, worker_id, pid, wall, cpu))
             elif retry_exceptions and attempt <= retries:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PoolConfig", "WorkerConfig", "parse_bytes", "START_METHODS"]
+__all__ = ["START_METHODS", "PoolConfig", "WorkerConfig", "parse_bytes"]
 
 START_METHODS = ("fork", "forkserver", "spawn")
 
@@ -80,7 +80,7 @@ def _positive_seconds(value: object, name: str) -> float | None:
 def _callable_or_none(value: object, name: str) -> Callable[..., Any] | None:
     if value is not None and not callable(value):
         raise TypeError(f"{name} must be callable, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 @dataclass(frozen=True)

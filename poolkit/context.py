@@ -9,12 +9,13 @@ the next job. Outside a job :func:`current_job` returns None.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["JobContext", "current_job", "report_progress", "ENV_JOB_ID", "ENV_JOB_TYPE", "ENV_WORKER_ID"]
+__all__ = ["ENV_JOB_ID", "ENV_JOB_TYPE", "ENV_WORKER_ID", "JobContext", "current_job", "report_progress"]
 
 ENV_JOB_ID = "POOLKIT_JOB_ID"
 ENV_JOB_TYPE = "POOLKIT_JOB_TYPE"
@@ -68,16 +69,24 @@ def enter_job(context: JobContext, sink: Callable[[Any], None] | None) -> None:
     _progress_sink = sink
     env = os.environ
     env[ENV_JOB_ID] = context.job_id
+    env[ENV_WORKER_ID] = str(context.worker_id)
     if context.job_type is not None:
         env[ENV_JOB_TYPE] = context.job_type
-    env[ENV_WORKER_ID] = str(context.worker_id)
 
 
 def leave_job() -> None:
     """Called by the worker loop after a job, whatever happened to it."""
     global _current, _progress_sink
+    context = _current
     _current = None
     _progress_sink = None
     env = os.environ
-    for key in (ENV_JOB_ID, ENV_JOB_TYPE, ENV_WORKER_ID):
-        env.pop(key, None)
+    # ``del`` on each key we set: much cheaper than MutableMapping.pop. The job
+    # may have removed one itself, hence the guard.
+    for key in _KEYS if context is None or context.job_type is not None else _KEYS_NO_TYPE:
+        with contextlib.suppress(KeyError):
+            del env[key]
+
+
+_KEYS = (ENV_JOB_ID, ENV_WORKER_ID, ENV_JOB_TYPE)
+_KEYS_NO_TYPE = (ENV_JOB_ID, ENV_WORKER_ID)

@@ -101,7 +101,7 @@ class JobFuture(Future[T], Generic[T]):
             # Straight to CANCELLED_AND_NOTIFIED: wait() and as_completed()
             # only count a cancelled future once its waiters were told.
             self._state = CANCELLED_AND_NOTIFIED
-            for waiter in self._waiters:  # type: ignore[attr-defined]
+            for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]

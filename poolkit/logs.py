@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import IO, Any
 
 import structlog
 
-__all__ = ["EventLog", "log_to_json", "LOGGER_NAME"]
+__all__ = ["LOGGER_NAME", "EventLog", "log_to_json"]
 
 LOGGER_NAME = "poolkit"
 _stdlib_logger = logging.getLogger(LOGGER_NAME)
@@ -26,7 +27,7 @@ _stdlib_logger.addHandler(logging.NullHandler())
 _json_mode = [False]  # set by log_to_json; read by the renderer
 
 
-def _render(_logger: Any, method: str, event_dict: dict[str, Any]) -> str:
+def _render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
     if _json_mode[0]:
         event_dict.setdefault("level", method)
         return json.dumps(event_dict, default=repr)

@@ -26,6 +26,7 @@ and are re-queued, never failed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -72,6 +73,9 @@ READY = "ready"
 RETIRING = "retiring"
 KILLING = "killing"
 
+_JOB_FRAME_HEAD = wire.JOB_FRAME_HEAD
+_KIND_JOB = int(wire.Kind.JOB)
+
 _live_managers: weakref.WeakSet[Manager] = weakref.WeakSet()
 
 
@@ -109,10 +113,15 @@ class Job:
         self.dispatched = False
         self.started_at = 0.0
 
-    def frame_parts(self) -> tuple[bytes, bytes]:
-        head = wire.JOB_HEAD.pack(self.seq, self.attempt, len(self.meta), self.timeout or 0.0)
-        size = len(head) + len(self.meta) + len(self.payload)
-        return wire.HEADER.pack(size, wire.Kind.JOB) + head + self.meta, self.payload
+    def frame(self) -> tuple[bytes, ...]:
+        meta, payload = self.meta, self.payload
+        size = wire.JOB_HEAD.size + len(meta) + len(payload)
+        head = _JOB_FRAME_HEAD.pack(
+            size, _KIND_JOB, self.seq, self.attempt, len(meta), self.timeout or 0.0
+        )
+        if len(payload) < 65536:
+            return (head + meta + payload,)
+        return (head + meta, payload)  # a large payload is sent as it is, not copied
 
 
 class Worker:
@@ -296,7 +305,7 @@ class Manager:
     def _start_template(self, method: str) -> None:
         parent_end, child_end = socket.socketpair()
         if method == "fork":
-            close_in_child = _fds_of_live_managers() + [parent_end.fileno()]
+            close_in_child = [*_fds_of_live_managers(), parent_end.fileno()]
             main_thread = threading.current_thread() is threading.main_thread()
             with warnings.catch_warnings():
                 # The template exists to make this the only fork from a threaded process.
@@ -304,10 +313,8 @@ class Manager:
                 pid = os.fork()
             if pid == 0:  # the template
                 for fd in close_in_child:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.close(fd)
-                    except OSError:
-                        pass
                 if main_thread:
                     from .worker import set_parent_death_signal
 
@@ -350,10 +357,8 @@ class Manager:
             self._template_popen.wait()
             self._template_popen = None
         elif self._template_pid is not None:
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(self._template_pid, 0)
-            except ChildProcessError:
-                pass
         self._template_pid = None
 
     def _read_control(self, now: float) -> None:
@@ -616,10 +621,8 @@ class Manager:
         if worker.worker_id not in self._workers:
             return
         del self._workers[worker.worker_id]
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
-        except (KeyError, ValueError):
-            pass
         worker.sock.close()
         graceful = worker.self_retired or (worker.state == RETIRING and exitcode == 0)
         if worker.state == STARTING:
@@ -724,10 +727,8 @@ class Manager:
         if worker.eof:
             return
         worker.eof = True
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
-        except (KeyError, ValueError):
-            pass
         worker.outbox.clear()
         if worker.exit_deadline is None:
             # It closed its socket; if it does not exit by itself soon, kill it.
@@ -838,10 +839,8 @@ class Manager:
             )
             exc.__cause__ = error
         self.counters["failed"] += 1
-        try:
+        with contextlib.suppress(InvalidStateError):
             future.set_exception(exc)
-        except InvalidStateError:
-            pass
 
     # ------------------------------------------------------------ timers
 
@@ -996,7 +995,7 @@ class Manager:
                     future.pid = worker.pid
                 worker.inflight.append(job)
                 worker.jobs_assigned += 1
-                worker.outbox.extend(job.frame_parts())
+                worker.outbox.extend(job.frame())
                 touched[worker.worker_id] = worker
                 if worker.max_jobs is not None and worker.jobs_assigned >= worker.max_jobs:
                     # Its last job: retire it now so the replacement forks while the job runs.
@@ -1031,10 +1030,8 @@ class Manager:
         if wants_write != worker.wants_write and not worker.eof:
             worker.wants_write = wants_write
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wants_write else 0)
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self._selector.modify(sock, events, worker)
-            except (KeyError, ValueError):
-                pass
 
     # ------------------------------------------------------------ endings
 
@@ -1049,10 +1046,8 @@ class Manager:
                 return
         if not isinstance(exc, (WorkerCrashed, JobTimeout)):
             self.counters["failed"] += 1
-        try:
+        with contextlib.suppress(InvalidStateError):
             future.set_exception(exc)
-        except InvalidStateError:
-            pass
 
     def _break(self, error: BaseException) -> None:
         """The pool cannot go on: fail every job, stop every worker."""
@@ -1084,14 +1079,10 @@ class Manager:
     def _kill_everything(self) -> None:
         for worker in list(self._workers.values()):
             if worker.pid is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.killpg(worker.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        try:
+        with contextlib.suppress(Exception):
             self._stop_template()
-        except Exception:
-            pass
 
     def _close_fds(self) -> None:
         for worker in list(self._workers.values()):
@@ -1102,10 +1093,8 @@ class Manager:
             self._control = None
         self._selector.close()
         for fd in (self._wake_r, self._wake_w):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         _live_managers.discard(self)
 
     # ------------------------------------------------------------ stats

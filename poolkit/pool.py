@@ -330,7 +330,7 @@ class JobOptions:
         timeout: float | None = None,
     ) -> Iterator[T]:
         """Ordered results, one job per input, each under these options."""
-        futures = [self._one(fn, args) for args in zip(*iterables)]
+        futures = [self._one(fn, args) for args in zip(*iterables, strict=False)]
         return _batch.iterate_in_order(futures, timeout)
 
     def _one(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> JobFuture[Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import threading
 import traceback
 import types
 from typing import Any
@@ -23,7 +24,7 @@ import cloudpickle
 
 from .errors import RemoteTraceback
 
-__all__ = ["PROTOCOL", "dumps", "loads", "attach_remote_traceback", "format_exception"]
+__all__ = ["PROTOCOL", "attach_remote_traceback", "dumps", "format_exception", "loads"]
 
 PROTOCOL = 5
 
@@ -49,18 +50,50 @@ def _importable(obj: Any) -> bool:
     return found is obj
 
 
+_importable_functions: set[Any] = set()  # module-level functions seen importable (they live forever anyway)
+
+
 class _JobPickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, (types.FunctionType, type)) and not _importable(obj):
-            return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
+        if obj.__class__ is types.FunctionType and obj in _importable_functions:
+            return NotImplemented
+        if isinstance(obj, (types.FunctionType, type)):
+            if not _importable(obj):
+                return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
+            if obj.__class__ is types.FunctionType:
+                _importable_functions.add(obj)
         return NotImplemented
+
+
+class _Dumper(threading.local):
+    """One reusable pickler per thread: building a Pickler costs more than a small dump."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+        self.pickler = _JobPickler(self.buffer, protocol=PROTOCOL)
+        self.busy = False
+
+
+_dumper = _Dumper()
 
 
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` so that a worker (or the parent) can load it with :func:`pickle.loads`."""
-    buffer = io.BytesIO()
-    _JobPickler(buffer, protocol=PROTOCOL).dump(obj)
-    return buffer.getvalue()
+    state = _dumper
+    if state.busy:  # re-entered (an object's __reduce__ pickles something itself)
+        buffer = io.BytesIO()
+        _JobPickler(buffer, protocol=PROTOCOL).dump(obj)
+        return buffer.getvalue()
+    state.busy = True
+    buffer = state.buffer
+    try:
+        state.pickler.dump(obj)
+        return buffer.getvalue()
+    finally:
+        buffer.seek(0)
+        buffer.truncate()
+        state.pickler.clear_memo()
+        state.busy = False
 
 
 def format_exception(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["JobStats", "PoolStats", "WorkerInfo", "RETIRE_REASONS"]
+__all__ = ["RETIRE_REASONS", "JobStats", "PoolStats", "WorkerInfo"]
 
 RETIRE_REASONS = (
     "tasks",

@@ -23,6 +23,7 @@ with ``"spawn"`` each worker also ``exec``s a fresh interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -34,7 +35,7 @@ from collections import deque
 from . import wire
 from .worker import set_parent_death_signal
 
-__all__ = ["serve", "main"]
+__all__ = ["main", "serve"]
 
 
 def _exit_code(status: int) -> int:
@@ -105,10 +106,8 @@ class _Template:
         try:
             os.killpg(pid, signum)
         except (ProcessLookupError, PermissionError):
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def fork_worker(self, worker_id: int, fd: int) -> None:
         pid = os.fork()
@@ -167,10 +166,8 @@ class _Template:
             if worker_id is None:
                 continue
             # A job's own children die with their worker (unless they left its group).
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             self.send(
                 wire.frame(wire.Kind.EXITED, wire.EXITED.pack(worker_id, pid, _exit_code(status)))
             )
@@ -179,24 +176,18 @@ class _Template:
         for pid in list(self.children):
             self.signal_group(pid, signal.SIGKILL)
         for pid in list(self.children):
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self.children.clear()
 
 
 def serve(control: socket.socket, *, exec_workers: bool, sys_path: list[str]) -> None:
     """Run the template loop; never returns (leaves through ``os._exit``)."""
     code = 0
-    try:
+    with contextlib.suppress(OSError):
         os.setpgid(0, 0)
-    except OSError:
-        pass
     try:
         _Template(control, exec_workers, sys_path).run()
     except BaseException:

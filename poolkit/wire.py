@@ -43,6 +43,8 @@ class Kind(enum.IntEnum):
 
 # seq, attempt, meta length, timeout (0.0 = none)
 JOB_HEAD = struct.Struct("<QHId")
+# the frame header and JOB_HEAD in one pack
+JOB_FRAME_HEAD = struct.Struct("<QBQHId")
 # seq, outcome, wall s, cpu s, peak rss bytes, rss after bytes
 RESULT_HEAD = struct.Struct("<QBddqq")
 OUTCOME_VALUE = 1
@@ -69,7 +71,7 @@ class FrameReader:
     its exact size, so a 64 MiB payload is copied once, not once per chunk.
     """
 
-    __slots__ = ("_buffer", "_big", "_big_kind", "_big_filled")
+    __slots__ = ("_big", "_big_filled", "_big_kind", "_buffer")
 
     def __init__(self) -> None:
         self._buffer = bytearray()

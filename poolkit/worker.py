@@ -31,7 +31,7 @@ from . import context, wire
 from .config import WorkerConfig
 from .serialization import dumps, format_exception, loads
 
-__all__ = ["serve", "main"]
+__all__ = ["main", "serve"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
