@@ -131,6 +131,9 @@ class _OrderedFeeder:
         self.items = items
         self.position = 0
         workers = pool.max_workers
+        if chunksize is None and getattr(pool.config, "max_tasks_per_child", None) is not None:
+            # max_tasks_per_child counts jobs: keep one input per job, as the stdlib's map does.
+            chunksize = 1
         self.chunker = Chunker(chunksize, workers, len(items))
         self.max_in_flight = workers * 2 + 2
         self.in_flight = 0

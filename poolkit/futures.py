@@ -74,6 +74,10 @@ class JobFuture(Future[T], Generic[T]):
                 return True
         if self.cancel():
             return True
+        # Running: end the future now, so that the caller sees it cancelled
+        # when this returns; the manager then kills the worker that runs it.
+        if not self._force_cancel():
+            return False
         terminate = self._terminate
         if terminate is not None:
             terminate(self)

@@ -34,6 +34,7 @@ import random
 import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -70,8 +71,8 @@ _START_FAILURES_BEFORE_BROKEN = 3
 # Worker states
 STARTING = "starting"
 READY = "ready"
-RETIRING = "retiring"
 KILLING = "killing"
+# A retiring worker (flag ``retiring``) takes no new job; it leaves once idle.
 
 _JOB_FRAME_HEAD = wire.JOB_FRAME_HEAD
 _KIND_JOB = int(wire.Kind.JOB)
@@ -144,6 +145,7 @@ class Worker:
         "reader",
         "retire_reason",
         "retire_sent",
+        "retiring",
         "rss",
         "self_retired",
         "sock",
@@ -168,6 +170,7 @@ class Worker:
         self.born = now
         self.idle_since = now
         self.retire_reason: str | None = None
+        self.retiring = False
         self.retire_sent = False
         self.kill_reason: str | None = None
         self.exit_deadline: float | None = None
@@ -178,7 +181,7 @@ class Worker:
 
     @property
     def live(self) -> bool:
-        return self.state in (STARTING, READY)
+        return self.state != KILLING and not self.retiring
 
 
 class _StatsRequest:
@@ -238,6 +241,7 @@ class Manager:
         )
         self.retired: dict[str, int] = {}
         self._final_stats: PoolStats | None = None
+        self._stats_requests: list[_StatsRequest] = []
         _live_managers.add(self)
         self._start_template(config.start_method)
         self._thread = threading.Thread(
@@ -305,16 +309,14 @@ class Manager:
     def _start_template(self, method: str) -> None:
         parent_end, child_end = socket.socketpair()
         if method == "fork":
-            close_in_child = [*_fds_of_live_managers(), parent_end.fileno()]
+            neutralize_in_child = [*_fds_of_live_managers(), parent_end.fileno()]
             main_thread = threading.current_thread() is threading.main_thread()
             with warnings.catch_warnings():
                 # The template exists to make this the only fork from a threaded process.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
             if pid == 0:  # the template
-                for fd in close_in_child:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                _neutralize_inherited_fds(neutralize_in_child, keep=child_end.fileno())
                 if main_thread:
                     from .worker import set_parent_death_signal
 
@@ -437,7 +439,14 @@ class Manager:
                 self._fire_timers(now)
                 self._manage_workers(now)
                 self._dispatch(now)
+                self._manage_workers(now)  # replace what dispatch just retired, before anyone looks
                 self._maybe_finish()
+                if self._stats_requests:
+                    snapshot = self._snapshot()
+                    for request in self._stats_requests:
+                        request.result = snapshot
+                        request.done.set()
+                    self._stats_requests.clear()
         except BaseException as exc:  # a bug here must not leave futures hanging
             self._break(BrokenPool(f"poolkit's manager thread failed: {exc!r}"))
             self._kill_everything()
@@ -467,8 +476,7 @@ class Manager:
                 else:
                     self._pending.append(arg)
             elif command == "stats":
-                arg.result = self._snapshot()
-                arg.done.set()
+                self._stats_requests.append(arg)
             elif command == "terminate":
                 self._terminate(arg, now)
             elif command == "shutdown":
@@ -493,13 +501,13 @@ class Manager:
         config = self.config
         for worker in self._workers.values():
             consider(worker.exit_deadline)
-            if worker.inflight and worker.state in (READY, RETIRING):
+            if worker.inflight and worker.state == READY:
                 head = worker.inflight[0]
                 if head.timeout is not None:
                     consider(head.started_at + head.timeout)
                 if config.memory_limit_per_child is not None:
                     consider(self._next_memory_check)
-            if worker.state == READY:
+            if worker.state == READY and not worker.retiring:
                 if worker.lifetime is not None:
                     consider(worker.born + worker.lifetime)
                 if (
@@ -529,12 +537,18 @@ class Manager:
     def _manage_workers(self, now: float) -> None:
         if self._broken is not None or self._control is None:
             return
-        live = sum(1 for w in self._workers.values() if w.live)
+        live = starting = 0
+        for worker in self._workers.values():
+            live += worker.live
+            starting += worker.state == STARTING
         target = self._target_workers()
-        while live < target:
+        # Never more than max_workers forks under way: a retiring worker's
+        # replacement starts early, but recycling must not become a fork storm.
+        while live < target and starting < self.config.max_workers * 2:
             if not self._spawn(now):
                 break
             live += 1
+            starting += 1
 
     def _spawn(self, now: float) -> bool:
         config = self.config
@@ -559,7 +573,11 @@ class Manager:
                 1.0 - random.uniform(0.0, config.recycle_jitter)
             )
         worker.outbox.append(
-            wire.frame(wire.Kind.CONFIG, wire.WORKER_ID.pack(worker_id), self._config_bytes)
+            wire.frame(
+                wire.Kind.CONFIG,
+                wire.WORKER_HEAD.pack(worker_id, worker.max_jobs or 0),
+                self._config_bytes,
+            )
         )
         self._workers[worker_id] = worker
         self._selector.register(parent_end, selectors.EVENT_READ, worker)
@@ -570,9 +588,9 @@ class Manager:
 
     def _retire(self, worker: Worker, reason: str) -> None:
         """Retire gracefully: no new jobs; RETIRE once idle, so the finalizer runs and it exits 0."""
-        if worker.state in (RETIRING, KILLING):
+        if worker.retiring or worker.state == KILLING:
             return
-        worker.state = RETIRING
+        worker.retiring = True
         worker.retire_reason = reason
         self.retired[reason] = self.retired.get(reason, 0) + 1
         if not worker.inflight:
@@ -594,7 +612,7 @@ class Manager:
             if signum == signal.SIGKILL and worker.pid is not None:
                 self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signum)))
             return
-        if worker.state != RETIRING:
+        if not worker.retiring:
             self.retired[reason] = self.retired.get(reason, 0) + 1
         worker.state = KILLING
         worker.kill_reason = reason
@@ -624,11 +642,11 @@ class Manager:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
         worker.sock.close()
-        graceful = worker.self_retired or (worker.state == RETIRING and exitcode == 0)
         if worker.state == STARTING:
             self._start_failed(worker, exitcode)
-        if graceful:
-            self._requeue(worker)
+            self._requeue(worker)  # it died before READY: its jobs never started
+        elif worker.self_retired:
+            self._requeue(worker)  # it said it was leaving after its last answer
         elif worker.inflight:
             head = worker.inflight.popleft()
             self._requeue(worker)
@@ -636,7 +654,7 @@ class Manager:
                 self._job_crashed(head, worker, exitcode, why)
             if worker.kill_reason is None:
                 self.retired["crash"] = self.retired.get("crash", 0) + 1
-        elif worker.kill_reason is None and not graceful and exitcode != 0:
+        elif worker.kill_reason is None and not worker.retiring and exitcode != 0:
             self.retired["crash"] = self.retired.get("crash", 0) + 1
             self.log.warning(
                 "worker.crashed",
@@ -755,12 +773,16 @@ class Manager:
                     worker.state = READY
                     worker.idle_since = now
                     self._start_failures = 0
+                    if worker.inflight:  # a job sent ahead starts now
+                        head = worker.inflight[0]
+                        head.started_at = now
+                        head.future.pid = pid
             elif kind == wire.Kind.RETIRING:
                 (rss,) = wire.PID.unpack_from(body)
                 worker.rss = rss
                 worker.self_retired = True
-                if worker.state in (READY, STARTING):
-                    worker.state = RETIRING
+                if not worker.retiring:
+                    worker.retiring = True
                     worker.retire_reason = "memory"
                     self.retired["memory"] = self.retired.get("memory", 0) + 1
                     self.log.info(
@@ -820,7 +842,12 @@ class Manager:
             self.log.debug(
                 "job.done", job_id=future.job_id, worker_id=worker.worker_id, pid=worker.pid, wall=wall
             )
-        if worker.state == RETIRING and not inflight and not worker.self_retired:
+        if (
+            worker.retiring
+            and not inflight
+            and not worker.self_retired
+            and worker.retire_reason != "tasks"  # it leaves by itself after its last job
+        ):
             self._send_retire(worker)
 
     def _resolve(self, future: JobFuture[Any], outcome: int, payload: memoryview) -> None:
@@ -858,7 +885,7 @@ class Manager:
                     self._send_control(
                         wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL))
                     )
-            if worker.state not in (READY, RETIRING):
+            if worker.state != READY:
                 continue
             if worker.inflight:
                 head = worker.inflight[0]
@@ -871,7 +898,7 @@ class Manager:
                     if rss > config.memory_limit_per_child:
                         self._memory_exceeded(worker, head, rss, now)
                         continue
-            if worker.state != READY:
+            if worker.retiring:
                 continue
             if worker.lifetime is not None and now >= worker.born + worker.lifetime:
                 self._retire(worker, "lifetime")
@@ -933,20 +960,19 @@ class Manager:
         )
 
     def _terminate(self, future: JobFuture[Any], now: float) -> None:
+        """``future.terminate()`` already cancelled the future; stop the job's worker if it runs it."""
+        self.counters["cancelled"] += 1
         for index, job in enumerate(self._pending):
             if job.future is future:
-                del self._pending[index]
-                if future._force_cancel():
-                    self.counters["cancelled"] += 1
+                del self._pending[index]  # re-queued after a crash: it has not restarted
                 return
         for worker in self._workers.values():
             for position, job in enumerate(worker.inflight):
                 if job.future is not future:
                     continue
-                if future._force_cancel():
-                    self.counters["cancelled"] += 1
                 if position == 0 and worker.state != KILLING:
                     self._kill(worker, "terminated", signal.SIGKILL, now)
+                # A job sent ahead but not started: its result will be discarded.
                 return
 
     # ------------------------------------------------------------ dispatch
@@ -964,7 +990,14 @@ class Manager:
         if not pending:
             return
         window = self._window()
-        ready = [w for w in self._workers.values() if w.state == READY]
+        ready = [w for w in self._workers.values() if w.state == READY and not w.retiring]
+        # A starting worker may take one job ahead of its READY: that saves a
+        # round trip per new worker, which is most of the cost of recycling.
+        ready.extend(
+            w
+            for w in self._workers.values()
+            if w.state == STARTING and not w.retiring and not w.inflight
+        )
         if not ready:
             return
         touched: dict[int, Worker] = {}
@@ -973,7 +1006,7 @@ class Manager:
             for worker in ready:
                 if not pending:
                     break
-                room = window - len(worker.inflight)
+                room = (window if worker.state == READY else 1) - len(worker.inflight)
                 if worker.max_jobs is not None:
                     room = min(room, worker.max_jobs - worker.jobs_assigned)
                 if room <= 0:
@@ -1068,7 +1101,7 @@ class Manager:
         if not self._closing or self._pending:
             return
         for worker in list(self._workers.values()):
-            if worker.state == READY and not worker.inflight:
+            if worker.state != KILLING and not worker.inflight:
                 self._retire(worker, "shutdown")
         if self._workers:
             return
@@ -1109,7 +1142,7 @@ class Manager:
                 WorkerInfo(
                     worker_id=worker.worker_id,
                     pid=worker.pid,
-                    state=worker.state,
+                    state="retiring" if worker.retiring and worker.state != KILLING else worker.state,
                     jobs_done=worker.jobs_done,
                     rss=worker.rss,
                     cpu_time=worker.cpu,
@@ -1124,6 +1157,46 @@ class Manager:
             retired=dict(self.retired),
             **self.counters,
         )
+
+
+def _neutralize_inherited_fds(poolkit_fds: list[int], keep: int) -> None:
+    """In a fork template: cut it off from the parent's sockets and other pools' channels.
+
+    A forked template would otherwise hold a copy of every socket the parent
+    had open, so a TCP peer would never see the parent close its connection
+    and a listening socket would stay bound in every worker. Sockets and
+    poolkit's own descriptors are pointed at /dev/null with ``dup2`` rather
+    than closed: their numbers stay taken, so a Python object in the copied
+    memory that still holds one can never write into a descriptor the
+    template opens later. Regular files, pipes and terminals are inherited
+    as a fork inherits them (a log file opened before the pool still works).
+    """
+    targets = set(poolkit_fds)
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        names = []
+    for name in names:
+        fd = int(name)
+        if fd <= 2 or fd == keep or fd in targets:
+            continue
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                targets.add(fd)
+        except OSError:
+            pass
+    targets.discard(keep)
+    if not targets:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in targets:
+        if fd == null:
+            continue
+        try:
+            os.dup2(null, fd, inheritable=False)
+        except OSError:
+            pass
+    os.close(null)
 
 
 def _read_rss(pid: int) -> int:

@@ -303,7 +303,7 @@ class JobOptions:
         retries: int,
     ) -> None:
         if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
         ):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if job_id is not None and not isinstance(job_id, str):

@@ -33,7 +33,7 @@ import sys
 from collections import deque
 
 from . import wire
-from .worker import set_parent_death_signal
+from .worker import load_prctl, set_parent_death_signal
 
 __all__ = ["main", "serve"]
 
@@ -60,6 +60,7 @@ class _Template:
         self.selector = selectors.DefaultSelector()
 
     def run(self) -> None:
+        load_prctl()
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -24,7 +24,7 @@ HEADER = struct.Struct("<QB")
 
 class Kind(enum.IntEnum):
     # parent -> worker
-    CONFIG = 1  # <q worker_id> + pickled WorkerConfig
+    CONFIG = 1  # WORKER_HEAD (worker_id, max_jobs or 0) + pickled WorkerConfig
     JOB = 2  # JOB_HEAD + meta pickle + payload pickle
     RETIRE = 3  # empty: finish, run the finalizer, exit 0
     # worker -> parent
@@ -50,6 +50,7 @@ RESULT_HEAD = struct.Struct("<QBddqq")
 OUTCOME_VALUE = 1
 OUTCOME_ERROR = 0
 WORKER_ID = struct.Struct("<q")
+WORKER_HEAD = struct.Struct("<qq")
 PID = struct.Struct("<q")
 SEQ = struct.Struct("<Q")
 SPAWNED = struct.Struct("<qq")
