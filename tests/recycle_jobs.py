@@ -107,6 +107,12 @@ def ignore_sigterm_and_sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def write_file(path: str) -> int:
+    """A job with a visible side effect."""
+    Path(path).write_text(str(os.getpid()))
+    return os.getpid()
+
+
 def wait_for_file(path: str, timeout: float = 20.0) -> int:
     """Block until ``path`` exists (the test's go signal); return the pid."""
     deadline = time.monotonic() + timeout

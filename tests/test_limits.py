@@ -150,6 +150,23 @@ def test_terminate_a_queued_job_leaves_the_running_one_alone(tmp_path: Path) -> 
         assert pool.submit(jobs.pid_of).result(timeout=30)[1] == pid
 
 
+def test_terminated_queued_job_never_runs(tmp_path: Path) -> None:
+    """A job handed to a busy worker but not started yet must not run once terminated."""
+    go = tmp_path / "go"
+    side_effect = tmp_path / "side-effect"
+    with poolkit.Pool(1) as pool:
+        wait_ready(pool, 1)
+        running = pool.submit(jobs.wait_for_file, str(go))
+        queued = pool.submit(jobs.write_file, str(side_effect))
+        wait_until(running.running, timeout=15, what="the first job to run")
+        assert queued.terminate() is True
+        assert queued.cancelled()
+        go.write_text("go")
+        running.result(timeout=30)
+        pool.submit(jobs.pid_of).result(timeout=30)  # the worker has moved past it
+    assert not side_effect.exists(), "a terminated job ran anyway"
+
+
 def test_terminate_a_finished_job_returns_false() -> None:
     with poolkit.Pool(1) as pool:
         future = pool.submit(jobs.pid_of, 1)
