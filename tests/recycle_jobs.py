@@ -79,6 +79,32 @@ def sleep_then_pid(seconds: float) -> int:
     return os.getpid()
 
 
+def span(seconds: float) -> tuple[float, float, int]:
+    """Sleep; return (start, end, pid) on the wall clock, to measure how many jobs overlap."""
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time(), os.getpid()
+
+
+def max_overlap(spans: list[tuple[float, float, int]]) -> int:
+    """The largest number of (start, end) intervals open at one time."""
+    edges = sorted([(a, 1) for a, _, _ in spans] + [(b, -1) for _, b, _ in spans])
+    open_now = peak = 0
+    for _, step in edges:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak
+
+
+def serving_workers(stats: poolkit.PoolStats) -> list[poolkit.WorkerInfo]:
+    """Workers that can take a job or are still running one (a retiring worker's last job counts)."""
+    return [
+        w
+        for w in stats.workers
+        if w.state in ("starting", "ready") or (w.state == "retiring" and w.current_job is not None)
+    ]
+
+
 def sleep(seconds: float) -> float:
     time.sleep(seconds)
     return seconds

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import recycle_jobs as jobs
-from recycle_jobs import MiB, live_workers, pid_alive, wait_ready, wait_until
+from recycle_jobs import MiB, live_workers, pid_alive, serving_workers, wait_ready, wait_until
 
 import poolkit
 
@@ -222,17 +222,34 @@ def test_retirement_runs_the_finalizer_in_every_worker(tmp_path: Path) -> None:
 
 
 def test_replacement_starts_before_the_old_worker_is_gone() -> None:
-    """With max_tasks_per_child=1 and 2 workers, 2 live workers are always there."""
+    """With max_tasks_per_child=1 and 2 workers, capacity never drops below 2.
+
+    Sampled while jobs run: at every snapshot at least 2 workers are starting,
+    ready, or still running their last job (a worker whose last job has
+    finished and that is on its way out does not count).
+    """
     with poolkit.Pool(2, max_tasks_per_child=1, recycle_jitter=0) as pool:
         wait_ready(pool, 2)
         futures = [pool.submit(jobs.sleep, 0.02) for _ in range(40)]
         samples = []
         while not all(f.done() for f in futures):
-            samples.append(len(live_workers(pool.stats())))
+            stats = pool.stats()
+            if stats.pending:  # while work is waiting, the pool must be at full strength
+                samples.append(len(serving_workers(stats)))
         for f in futures:
             f.result(timeout=30)
     assert len(samples) > 10
     assert min(samples) >= 2, collections.Counter(samples)
+
+
+@pytest.mark.parametrize("max_tasks", [1, 3])
+def test_recycling_never_runs_more_than_max_workers_jobs_at_once(max_tasks: int) -> None:
+    with poolkit.Pool(2, max_tasks_per_child=max_tasks, recycle_jitter=0) as pool:
+        wait_ready(pool, 2)
+        spans = [f.result(timeout=60) for f in [pool.submit(jobs.span, 0.05) for _ in range(30)]]
+    assert jobs.max_overlap(spans) <= 2, f"{jobs.max_overlap(spans)} jobs ran at once with max_workers=2"
+    counts = _pid_counts([pid for _, _, pid in spans])
+    assert max(counts.values()) <= max_tasks
 
 
 # ----------------------------------------------------------------- stats().retired
