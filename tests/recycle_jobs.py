@@ -303,9 +303,7 @@ def open_database(path: str) -> None:
     """Initializer: one connection per worker, recorded as 'open <pid>'."""
     global _CONNECTION
     _CONNECTION = _connect(path)
-    _CONNECTION.execute(
-        "INSERT INTO events VALUES ('open', ?, ?)", (os.getpid(), time.monotonic())
-    )
+    _CONNECTION.execute("INSERT INTO events VALUES ('open', ?, ?)", (os.getpid(), time.monotonic()))
 
 
 def use_database(x: int) -> int:

@@ -67,7 +67,11 @@ def test_as_completed_async_yields_every_future_in_completion_order() -> None:
 
 def test_as_completed_async_with_failures() -> None:
     async def main(pool: poolkit.Pool) -> list[BaseException | None]:
-        futures = [pool.submit(jobs.fail, "x"), pool.submit(jobs.pid_of, 1), pool.submit(jobs.crash, 2)]
+        futures = [
+            pool.submit(jobs.fail, "x"),
+            pool.submit(jobs.pid_of, 1),
+            pool.submit(jobs.crash, 2),
+        ]
         return [f.exception() async for f in pool.as_completed_async(futures)]
 
     with poolkit.Pool(2) as pool:

@@ -22,7 +22,9 @@ import poolkit
 pytestmark = pytest.mark.timeout(120)
 
 
-def _balance(db: str) -> tuple[collections.Counter[int], collections.Counter[int], list[tuple[str, int, float]]]:
+def _balance(
+    db: str,
+) -> tuple[collections.Counter[int], collections.Counter[int], list[tuple[str, int, float]]]:
     events = jobs.read_events(db)
     opened = collections.Counter(pid for what, pid, _ in events if what == "open")
     closed = collections.Counter(pid for what, pid, _ in events if what == "close")
@@ -43,7 +45,9 @@ def _assert_balanced(db: str) -> list[tuple[str, int, float]]:
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_connections_balance_after_recycling_and_shutdown(tmp_path: Path, start_method: str) -> None:
+def test_connections_balance_after_recycling_and_shutdown(
+    tmp_path: Path, start_method: str, leak_check: object
+) -> None:
     db = str(tmp_path / "events.db")
     jobs.create_events_table(db)
     with poolkit.Pool(
@@ -56,7 +60,9 @@ def test_connections_balance_after_recycling_and_shutdown(tmp_path: Path, start_
         recycle_jitter=0,
     ) as pool:
         pids = [pool.submit(jobs.use_database, i).result(timeout=60) for i in range(20)]
-        pids += [f.result(timeout=60) for f in [pool.submit(jobs.use_database, i) for i in range(10)]]
+        pids += [
+            f.result(timeout=60) for f in [pool.submit(jobs.use_database, i) for i in range(10)]
+        ]
     events = _assert_balanced(db)
     job_pids = collections.Counter(pid for what, pid, _ in events if what == "job")
     assert sum(job_pids.values()) == 30
@@ -91,7 +97,9 @@ def test_connections_balance_after_rss_and_idle_retirement(tmp_path: Path) -> No
     _assert_balanced(db)
 
 
-def test_worker_killed_by_a_timeout_skips_the_finalizer_but_the_rest_balance(tmp_path: Path) -> None:
+def test_worker_killed_by_a_timeout_skips_the_finalizer_but_the_rest_balance(
+    tmp_path: Path, leak_check: object
+) -> None:
     """A killed worker cannot close; everyone else still does, and the pool shuts down."""
     db = str(tmp_path / "events.db")
     jobs.create_events_table(db)

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_memory_limit_kills_the_job_and_the_pool_goes_on(start_method: str) -> None:
+def test_memory_limit_kills_the_job_and_the_pool_goes_on(
+    start_method: str, leak_check: object
+) -> None:
     with poolkit.Pool(1, start_method=start_method, memory_limit_per_child="200MiB") as pool:
         future = pool.submit(jobs.allocate_gradually, 2048, 50)
         with pytest.raises(poolkit.MemoryLimitExceeded) as info:
@@ -67,7 +69,7 @@ def _assert_timeout_then_pool_goes_on(pool: poolkit.Pool, future: Any) -> None:
     assert pool.submit(jobs.pid_of, "after").result(timeout=30)[0] == "after"
 
 
-def test_pool_wide_job_timeout() -> None:
+def test_pool_wide_job_timeout(leak_check: object) -> None:
     with poolkit.Pool(1, job_timeout=0.5) as pool:
         _assert_timeout_then_pool_goes_on(pool, pool.submit(jobs.sleep, 30))
         stats = pool.stats()
@@ -76,7 +78,7 @@ def test_pool_wide_job_timeout() -> None:
     assert stats.done == 1
 
 
-def test_per_job_timeout() -> None:
+def test_per_job_timeout(leak_check: object) -> None:
     with poolkit.Pool(1) as pool:
         _assert_timeout_then_pool_goes_on(pool, pool.options(timeout=0.5).submit(jobs.sleep, 30))
         # a job without the option has no timeout
@@ -93,7 +95,7 @@ def test_per_job_timeout_overrides_the_pool_default() -> None:
             pool.submit(jobs.sleep, 30).result(timeout=30)
 
 
-def test_timeout_of_a_job_that_ignores_sigterm() -> None:
+def test_timeout_of_a_job_that_ignores_sigterm(leak_check: object) -> None:
     with poolkit.Pool(1, job_timeout=0.5, kill_grace=0.5) as pool:
         _assert_timeout_then_pool_goes_on(pool, pool.submit(jobs.ignore_sigterm_and_sleep, 30))
 
@@ -110,7 +112,7 @@ def test_timeout_counts_from_the_start_not_from_submit() -> None:
 # ----------------------------------------------------------------- terminate
 
 
-def test_terminate_a_running_job(tmp_path: Path) -> None:
+def test_terminate_a_running_job(tmp_path: Path, leak_check: object) -> None:
     marker = tmp_path / "started"
     with poolkit.Pool(1) as pool:
         future = pool.submit(jobs.signal_then_sleep, str(marker), 30)
@@ -179,7 +181,7 @@ def test_terminate_a_finished_job_returns_false() -> None:
 # ----------------------------------------------------------------- crash
 
 
-def test_crash_fails_only_its_job_and_is_counted() -> None:
+def test_crash_fails_only_its_job_and_is_counted(leak_check: object) -> None:
     with poolkit.Pool(1) as pool:
         wait_ready(pool, 1)
         future = pool.submit(jobs.crash, 3)
@@ -197,7 +199,7 @@ def test_crash_fails_only_its_job_and_is_counted() -> None:
 # ----------------------------------------------------------------- retired by reason
 
 
-def test_retired_counts_every_reason(tmp_path: Path) -> None:
+def test_retired_counts_every_reason(tmp_path: Path, leak_check: object) -> None:
     """One pool through each way a worker can leave; retired{} counts each once."""
     marker = tmp_path / "started"
     with poolkit.Pool(

@@ -48,9 +48,7 @@ def _parse(message: str) -> tuple[str, dict[str, Any]]:
 
 
 def _events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict[str, Any], int]]:
-    return [
-        (*_parse(r.getMessage()), r.levelno) for r in caplog.records if r.name == "poolkit"
-    ]
+    return [(*_parse(r.getMessage()), r.levelno) for r in caplog.records if r.name == "poolkit"]
 
 
 def _named(events: list[tuple[str, dict[str, Any], int]], name: str) -> list[dict[str, Any]]:
@@ -200,7 +198,13 @@ def test_log_to_json_emits_json_lines() -> None:
     assert lines
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     events = [r["event"] for r in records]
-    for name in ("worker.spawned", "worker.retired", "worker.crashed", "job.timeout", "pool.shutdown"):
+    for name in (
+        "worker.spawned",
+        "worker.retired",
+        "worker.crashed",
+        "job.timeout",
+        "pool.shutdown",
+    ):
         assert name in events, events
     assert all(r["pool"] == "jsonpool" for r in records)
     assert all("timestamp" in r and "level" in r for r in records)

@@ -29,7 +29,7 @@ def _pid_counts(pids: list[int]) -> collections.Counter[int]:
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_pids_change_after_n_jobs(start_method: str) -> None:
+def test_pids_change_after_n_jobs(start_method: str, leak_check: object) -> None:
     n = 3
     with poolkit.Pool(
         2, start_method=start_method, max_tasks_per_child=n, recycle_jitter=0
@@ -104,7 +104,7 @@ def test_no_jitter_retires_exactly_at_n() -> None:
 # ----------------------------------------------------------------- on RSS
 
 
-def test_leaky_job_is_recycled_on_rss() -> None:
+def test_leaky_job_is_recycled_on_rss(leak_check: object) -> None:
     """60 MiB leaked per call under max_memory_per_child=300MiB: at most 5 calls per worker."""
     with poolkit.Pool(1, max_memory_per_child="300MiB") as pool:
         futures = [pool.submit(jobs.leak, 60) for _ in range(14)]
@@ -133,7 +133,7 @@ def test_rss_recycling_parses_plain_bytes() -> None:
 # ----------------------------------------------------------------- lifetime
 
 
-def test_workers_retire_after_their_lifetime() -> None:
+def test_workers_retire_after_their_lifetime(leak_check: object) -> None:
     with poolkit.Pool(2, max_lifetime_per_child=0.3, recycle_jitter=0) as pool:
         first = {w.pid for w in wait_ready(pool, 2)}
         assert len(first) == 2
@@ -145,7 +145,9 @@ def test_workers_retire_after_their_lifetime() -> None:
             current = {w.pid for w in live_workers(pool.stats())}
             return not (current & first) and bool(set(pids[-4:]) - first)
 
-        wait_until(first_workers_replaced, timeout=30, what="the first workers to reach their lifetime")
+        wait_until(
+            first_workers_replaced, timeout=30, what="the first workers to reach their lifetime"
+        )
         stats = pool.stats()
     assert stats.retired.get("lifetime", 0) >= 2, stats.retired
     assert set(pids) - first, "jobs ran on workers born after the first ones"
@@ -156,7 +158,7 @@ def test_workers_retire_after_their_lifetime() -> None:
 # ----------------------------------------------------------------- idle
 
 
-def test_idle_workers_exit_down_to_min_workers() -> None:
+def test_idle_workers_exit_down_to_min_workers(leak_check: object) -> None:
     with poolkit.Pool(4, min_workers=1, idle_timeout=0.3) as pool:
         futures = [pool.submit(jobs.sleep_then_pid, 0.3) for _ in range(8)]
         busy_pids = {f.result(timeout=30) for f in futures}
@@ -196,7 +198,7 @@ def test_idle_timeout_never_goes_below_min_workers() -> None:
 # ----------------------------------------------------------------- graceful retirement
 
 
-def test_retirement_runs_the_finalizer_in_every_worker(tmp_path: Path) -> None:
+def test_retirement_runs_the_finalizer_in_every_worker(tmp_path: Path, leak_check: object) -> None:
     with poolkit.Pool(
         2,
         max_tasks_per_child=2,
@@ -247,7 +249,9 @@ def test_recycling_never_runs_more_than_max_workers_jobs_at_once(max_tasks: int)
     with poolkit.Pool(2, max_tasks_per_child=max_tasks, recycle_jitter=0) as pool:
         wait_ready(pool, 2)
         spans = [f.result(timeout=60) for f in [pool.submit(jobs.span, 0.05) for _ in range(30)]]
-    assert jobs.max_overlap(spans) <= 2, f"{jobs.max_overlap(spans)} jobs ran at once with max_workers=2"
+    assert jobs.max_overlap(spans) <= 2, (
+        f"{jobs.max_overlap(spans)} jobs ran at once with max_workers=2"
+    )
     counts = _pid_counts([pid for _, _, pid in spans])
     assert max(counts.values()) <= max_tasks
 
