@@ -19,7 +19,7 @@ import poolkit
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
 def test_job_sees_its_ids_in_context_env_and_children(start_method: str) -> None:
     with poolkit.Pool(2, start_method=start_method) as pool:
         future = pool.options(job_type="backup").submit(jobs.describe_context)

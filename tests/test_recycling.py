@@ -28,7 +28,7 @@ def _pid_counts(pids: list[int]) -> collections.Counter[int]:
 # ----------------------------------------------------------------- after N jobs
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
 def test_pids_change_after_n_jobs(start_method: str, leak_check: object) -> None:
     n = 3
     with poolkit.Pool(
