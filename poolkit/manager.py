@@ -219,6 +219,7 @@ class Manager:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
+        self._wake_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._worker_ids = itertools.count(1)
@@ -252,6 +253,8 @@ class Manager:
     # ------------------------------------------------------------------ API
 
     def owned_fds(self) -> list[int]:
+        if self._closed:
+            return []
         fds = [self._wake_r, self._wake_w]
         if self._control is not None:
             fds.append(self._control.fileno())
@@ -298,11 +301,16 @@ class Manager:
     def _wake(self) -> None:
         if self._wake_pending:
             return
-        self._wake_pending = True
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # full pipe: the manager is about to wake anyway; closed: it is gone
+        # The lock keeps the pipe from being closed (and its number reused by
+        # someone else's file) between the check and the write.
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # the manager is gone
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # full pipe: the manager is about to wake anyway
 
     # ------------------------------------------------------------ template
 
@@ -1125,9 +1133,11 @@ class Manager:
             self._control.close()
             self._control = None
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
         _live_managers.discard(self)
 
     # ------------------------------------------------------------ stats

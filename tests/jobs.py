@@ -362,3 +362,9 @@ def fault_after_go(what: str, directory: str, go: str) -> str:
     write_line(os.path.join(directory, "started-shutdown"), str(os.getpid()))
     wait_for_file_then(go)
     return do_fault(what, directory, "shutdown")
+
+
+def square_or_raise(x: int) -> int:
+    if x == 4:
+        raise ValueError(f"{x} is unlucky")
+    return x * x
