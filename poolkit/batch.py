@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass
@@ -39,14 +39,20 @@ T = TypeVar("T")
 
 TARGET_CHUNK_SECONDS = 0.01
 MAX_CHUNK = 50_000
+PROBE_CHUNK = 8
 
 
 # ----------------------------------------------------------------- in workers
 
 
-def _call_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+def _call_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Run ``fn(*args)`` for each args of the chunk; the first exception ends the chunk (stdlib map)."""
-    return [fn(*args) for args in chunk]
+    return list(itertools.starmap(fn, chunk))
+
+
+def _call_chunk1(fn: Callable[[Any], Any], chunk: Sequence[Any]) -> list[Any]:
+    """``_call_chunk`` for one iterable: no argument tuples to build, pickle and unpack."""
+    return list(map(fn, chunk))
 
 
 def _call_chunk_recording(
@@ -86,6 +92,8 @@ class Chunker:
         self.workers = workers
         self.total = total
         self.per_item: float | None = None
+        self._seconds = 0.0
+        self._items = 0
         self._lock = threading.Lock()
 
     def next_size(self) -> int:
@@ -93,7 +101,8 @@ class Chunker:
             return self.fixed
         per_item = self.per_item
         if per_item is None:
-            return 1
+            # Probe: small chunks until the first ones come back and say how long an input takes.
+            return PROBE_CHUNK if self.total is None or self.total >= PROBE_CHUNK * self.workers * 8 else 1
         size = int(TARGET_CHUNK_SECONDS / max(per_item, 1e-7))
         if self.total is not None:
             # Keep at least four chunks per worker so the last ones balance.
@@ -103,9 +112,12 @@ class Chunker:
     def record(self, items: int, seconds: float) -> None:
         if items <= 0:
             return
-        sample = seconds / items
         with self._lock:
-            self.per_item = sample if self.per_item is None else 0.7 * self.per_item + 0.3 * sample
+            # Cumulative average: big chunks weigh more than the small probes,
+            # whose time is mostly the fixed cost of a job.
+            self._seconds += seconds
+            self._items += items
+            self.per_item = self._seconds / self._items
 
 
 def _chunk_seconds(future: Future[Any]) -> float | None:
@@ -123,12 +135,14 @@ class _OrderedFeeder:
         self,
         pool: Pool,
         fn: Callable[..., Any],
-        items: list[tuple[Any, ...]],
+        items: Sequence[Any],
         chunksize: int | None,
+        runner: Callable[[Callable[..., Any], Sequence[Any]], list[Any]],
     ) -> None:
         self.pool = pool
         self.fn = fn
         self.items = items
+        self.runner = runner
         self.position = 0
         workers = pool.max_workers
         if chunksize is None and getattr(pool.config, "max_tasks_per_child", None) is not None:
@@ -151,24 +165,21 @@ class _OrderedFeeder:
                 chunk = self.items[self.position : self.position + size]
                 self.position += len(chunk)
                 try:
-                    future = self.pool.submit(_call_chunk, self.fn, chunk)
+                    future = self.pool.submit(self.runner, self.fn, chunk)
                 except RuntimeError:
                     self.stopped = True  # the pool shut down under us
                     break
                 self.in_flight += 1
                 self.chunks.append((future, len(chunk)))
-                future.add_done_callback(self._done)
+                future.add_done_callback(functools.partial(self._done, count=len(chunk)))
             self.cond.notify_all()
 
-    def _done(self, future: Future[Any]) -> None:
+    def _done(self, future: Future[Any], *, count: int) -> None:
         seconds = _chunk_seconds(future)
+        if seconds is not None:
+            self.chunker.record(count, seconds)
         with self.cond:
             self.in_flight -= 1
-            for f, count in reversed(self.chunks):
-                if f is future:
-                    if seconds is not None:
-                        self.chunker.record(count, seconds)
-                    break
         if not future.cancelled():
             self.pump()
         else:
@@ -207,8 +218,18 @@ def map_ordered(
     if not callable(fn):
         raise TypeError(f"{fn!r} is not callable")
     deadline = None if timeout is None else time.monotonic() + timeout
-    items = list(zip(*iterables, strict=False))
-    feeder = _OrderedFeeder(pool, fn, items, chunksize)
+    runner: Callable[[Callable[..., Any], Sequence[Any]], list[Any]]
+    items: Sequence[Any]
+    if len(iterables) == 1:
+        # Taken now, as the stdlib does; a range is already immutable and
+        # sliceable, a list is copied (pointers only) so later edits do not count.
+        source = iterables[0]
+        items = source if isinstance(source, (range, tuple)) else list(source)
+        runner = _call_chunk1
+    else:
+        items = list(zip(*iterables, strict=False))
+        runner = _call_chunk
+    feeder = _OrderedFeeder(pool, fn, items, chunksize, runner)
     feeder.pump()
     if not items:
         return iter(())

@@ -47,7 +47,7 @@ from concurrent.futures import InvalidStateError
 from pickle import UnpicklingError
 from typing import Any
 
-from . import wire
+from . import serialization, wire
 from .config import PoolConfig
 from .errors import (
     BrokenPool,
@@ -58,7 +58,7 @@ from .errors import (
 )
 from .futures import JobFuture
 from .logs import EventLog
-from .serialization import attach_remote_traceback, dumps, loads
+from .serialization import MainRefs, attach_remote_traceback, dumps, loads, snapshot_main
 from .stats import PoolStats, WorkerInfo
 
 __all__ = ["Job", "Manager"]
@@ -213,6 +213,7 @@ class Manager:
         self.config = config
         self.log = EventLog(config.name)
         self.owner_pid = os.getpid()
+        self.main_refs: MainRefs = {}
         self.forked_away = False
         self._inbox: deque[tuple[str, Any]] = deque()
         self._wake_r, self._wake_w = os.pipe()
@@ -225,7 +226,7 @@ class Manager:
         self._worker_ids = itertools.count(1)
         self._workers: dict[int, Worker] = {}
         self._pending: deque[Job] = deque()
-        self._config_bytes = dumps(config.worker_config())
+        self._config_bytes = b""  # set by _start_template: it depends on what the template shares
         self._template_pid: int | None = None
         self._template_popen: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
@@ -319,12 +320,14 @@ class Manager:
         if method == "fork":
             neutralize_in_child = [*_fds_of_live_managers(), parent_end.fileno()]
             main_thread = threading.current_thread() is threading.main_thread()
+            self.main_refs = snapshot_main()
             with warnings.catch_warnings():
                 # The template exists to make this the only fork from a threaded process.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
             if pid == 0:  # the template
                 _neutralize_inherited_fds(neutralize_in_child, keep=child_end.fileno())
+                serialization.process_main_refs = self.main_refs
                 if main_thread:
                     from .worker import set_parent_death_signal
 
@@ -336,6 +339,7 @@ class Manager:
         else:
             import json
 
+            self.main_refs = {}  # a fresh interpreter shares no __main__ objects with us
             fd = child_end.fileno()
             self._template_popen = subprocess.Popen(
                 [
@@ -352,6 +356,9 @@ class Manager:
             )
             self._template_pid = self._template_popen.pid
         child_end.close()
+        # The initializer and finalizer travel by reference when the template's
+        # __main__ has them, so the globals they set are the ones jobs read.
+        self._config_bytes = dumps(self.config.worker_config(), self.main_refs)
         parent_end.setblocking(True)
         self._control = parent_end
         self._control_reader = wire.FrameReader()
@@ -387,6 +394,7 @@ class Manager:
                 worker = self._workers.get(worker_id)
                 if worker is not None:
                     worker.pid = pid
+                    self.log.info("worker.spawned", worker_id=worker_id, pid=pid)
             elif kind == wire.Kind.EXITED:
                 worker_id, pid, exitcode = wire.EXITED.unpack_from(body)
                 worker = self._workers.get(worker_id)
@@ -591,7 +599,6 @@ class Manager:
         self._selector.register(parent_end, selectors.EVENT_READ, worker)
         self.counters["spawned"] += 1
         self._flush(worker)
-        self.log.info("worker.spawned", worker_id=worker_id)
         return True
 
     def _retire(self, worker: Worker, reason: str) -> None:
@@ -601,6 +608,7 @@ class Manager:
         worker.retiring = True
         worker.retire_reason = reason
         self.retired[reason] = self.retired.get(reason, 0) + 1
+        self.log.info("worker.retired", worker_id=worker.worker_id, pid=worker.pid, reason=reason)
         if not worker.inflight:
             self._send_retire(worker)
 
@@ -610,9 +618,6 @@ class Manager:
         worker.retire_sent = True
         worker.outbox.append(wire.frame(wire.Kind.RETIRE))
         self._flush(worker)
-        self.log.info(
-            "worker.retired", worker_id=worker.worker_id, pid=worker.pid, reason=worker.retire_reason
-        )
 
     def _kill(self, worker: Worker, reason: str, signum: int, now: float) -> None:
         """Stop a worker now. Jobs it had not started go back to the queue."""
@@ -1008,12 +1013,20 @@ class Manager:
         )
         if not ready:
             return
+        # max_workers bounds the jobs running at once, whatever the recycling:
+        # a worker that is idle may start one only while fewer are busy.
+        busy = sum(1 for w in self._workers.values() if w.inflight and w.state != KILLING)
+        capacity = self.config.max_workers
         touched: dict[int, Worker] = {}
         while pending:
             progressed = False
             for worker in ready:
                 if not pending:
                     break
+                if not worker.inflight:
+                    if busy >= capacity:
+                        continue
+                    busy += 1
                 room = (window if worker.state == READY else 1) - len(worker.inflight)
                 if worker.max_jobs is not None:
                     room = min(room, worker.max_jobs - worker.jobs_assigned)

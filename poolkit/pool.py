@@ -180,7 +180,7 @@ class Pool(Executor):
             future.add_done_callback(self._release_id)
         future._terminate = manager.terminate
         try:
-            payload = dumps((fn, args, kwargs))
+            payload = dumps((fn, args, kwargs), manager.main_refs)
         except Exception as exc:  # unpicklable function or argument: this future only
             future.set_running_or_notify_cancel()
             future.set_exception(exc)

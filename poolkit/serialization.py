@@ -53,11 +53,46 @@ def _importable(obj: Any) -> bool:
 _importable_functions: set[Any] = set()  # module-level functions seen importable (they live forever anyway)
 
 
+MainRefs = dict[str, Any]
+_NO_MAIN_REFS: MainRefs = {}
+# What this process's own __main__ shares with its peer (set in fork-mode workers).
+process_main_refs: MainRefs = {}
+
+
+def snapshot_main() -> MainRefs:
+    """The functions and classes defined at the top level of ``__main__`` right now.
+
+    A process forked after this moment has the very same objects in its own
+    ``__main__``, so they can travel by reference (``__main__.name``) instead
+    of by value: cheaper, and they keep sharing that module's globals, which
+    is what the stdlib idiom "the initializer sets a global, jobs read it"
+    relies on.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        return {}
+    refs: MainRefs = {}
+    for name, value in list(vars(main).items()):
+        if (
+            isinstance(value, (types.FunctionType, type))
+            and getattr(value, "__module__", None) == "__main__"
+            and getattr(value, "__qualname__", None) == name
+        ):
+            refs[name] = value
+    return refs
+
+
 class _JobPickler(pickle.Pickler):
+    main_refs: MainRefs = _NO_MAIN_REFS
+
     def reducer_override(self, obj: Any) -> Any:
         if obj.__class__ is types.FunctionType and obj in _importable_functions:
             return NotImplemented
         if isinstance(obj, (types.FunctionType, type)):
+            if getattr(obj, "__module__", None) == "__main__":
+                if self.main_refs.get(obj.__qualname__) is obj:
+                    return NotImplemented  # the other side's __main__ has this very object
+                return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
             if not _importable(obj):
                 return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
             if obj.__class__ is types.FunctionType:
@@ -77,16 +112,24 @@ class _Dumper(threading.local):
 _dumper = _Dumper()
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickle ``obj`` so that a worker (or the parent) can load it with :func:`pickle.loads`."""
+def dumps(obj: Any, main_refs: MainRefs | None = None) -> bytes:
+    """Pickle ``obj`` so that a worker (or the parent) can load it with :func:`pickle.loads`.
+
+    ``main_refs`` names the ``__main__`` objects the receiving process shares
+    with this one (see :func:`snapshot_main`); by default, those of this process.
+    """
+    refs = process_main_refs if main_refs is None else main_refs
     state = _dumper
     if state.busy:  # re-entered (an object's __reduce__ pickles something itself)
         buffer = io.BytesIO()
-        _JobPickler(buffer, protocol=PROTOCOL).dump(obj)
+        pickler = _JobPickler(buffer, protocol=PROTOCOL)
+        pickler.main_refs = refs
+        pickler.dump(obj)
         return buffer.getvalue()
     state.busy = True
     buffer = state.buffer
     try:
+        state.pickler.main_refs = refs
         state.pickler.dump(obj)
         return buffer.getvalue()
     finally:

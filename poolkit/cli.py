@@ -1,0 +1,870 @@
+"""The ``poolkit`` command: ``poolkit run`` over JSON lines, and ``poolkit demo``.
+
+``poolkit run MODULE:FUNCTION INPUT -o OUTPUT`` is :func:`poolkit.batch.run_batch`
+from the shell. Its contract with the user:
+
+* every non-blank input line gets exactly one output line, written (and
+  flushed) as soon as it is known, so a run cut short keeps what finished;
+* ``status`` is ``"ok"``, ``"error"`` (the job raised, its worker crashed, it
+  timed out, or the line was not valid JSON: ``InvalidInput``) or
+  ``"not_run"`` (the run was interrupted before this input's result was
+  recorded: it never started, or it was stopped; safe to run again);
+* the exit status is 0 only when every input succeeded (``--allow-failures``:
+  0 unless interrupted), 1 when some failed, 2 for usage errors (bad module,
+  function, option or output path), 130 after Ctrl-C and 143 after SIGTERM.
+
+Ctrl-C is made safe by deferring it while a line is being written: the signal
+handler raises only outside those short critical sections, so no output line
+is ever cut in half or counted twice; blocking waits (for a slow job, for
+stdin) are still interrupted at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import importlib
+import json
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from types import FrameType
+from typing import Any, BinaryIO, NoReturn, TextIO, cast
+
+from . import __version__
+from .batch import Outcome, run_batch
+from .pool import Pool
+from .progress import (
+    MODES,
+    RichRunDisplay,
+    RunDisplay,
+    RunTally,
+    StatsPoller,
+    format_duration,
+    make_run_display,
+    print_summary,
+)
+from .serialization import dumps
+from .stats import PoolStats
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_FAILURES = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+_EPILOG = """\
+examples:
+  # run mymod.score on every JSON line of inputs.jsonl, 4 workers, results to out.jsonl
+  poolkit run mymod:score inputs.jsonl -o out.jsonl --workers 4
+
+  # read stdin; spread each [a, b] or {"a": 1} line as the function's arguments
+  printf '[1, 2]\\n[3, 4]\\n' | poolkit run operator:add --star
+
+  # recycle leaky workers, kill jobs past 30 s, retry crashed or timed-out inputs twice
+  poolkit run mymod:render pages.jsonl -o out.jsonl \\
+      --max-memory-per-child 1GiB --timeout 30 --retries 2
+
+  # the tour: a mixed batch with crashes, timeouts and recycling, live
+  poolkit demo
+
+exit status: 0 every input succeeded; 1 some failed; 2 usage error;
+             130 interrupted (Ctrl-C), 143 terminated (SIGTERM)
+"""
+
+_RUN_EPILOG = """\
+input and output:
+  INPUT holds one JSON value per line (blank lines are skipped); '-' or nothing
+  reads stdin. Each value is passed as the function's one argument (with --star:
+  a list as positional arguments, an object as keyword arguments).
+  One JSON line per input is written to OUTPUT ('-' or nothing: stdout), in the
+  order inputs finish (--ordered: input order), flushed line by line:
+
+    {"index": 0, "line": 1, "status": "ok", "input": 3, "result": 9,
+     "attempts": 1, "worker_id": 2, "pid": 4242, "wall_time": 0.0012}
+    {"index": 1, "line": 2, "status": "error", "input": 0, "error": {"type":
+     "ZeroDivisionError", "message": "division by zero", "traceback": "..."}, ...}
+
+  index counts non-blank input lines from 0; line is the 1-based line number.
+  A line that is not valid JSON gets an "error" record with error type
+  "InvalidInput" (and a message on stderr); the other lines still run.
+  A crashed worker gives error type "WorkerCrashed", a timeout "JobTimeout".
+
+interrupting:
+  Ctrl-C (or SIGTERM) stops the run cleanly: running jobs are stopped, workers
+  end, and every input without a result gets a final line with status
+  "not_run" (for a file INPUT, including the lines not read yet; for stdin,
+  stderr says after which line reading stopped). Exit status 130 (143).
+
+examples:
+  poolkit run mymod:score inputs.jsonl -o out.jsonl --workers 4
+  printf '[1, 2]\\n[3, 4]\\n' | poolkit run operator:add --star
+  poolkit run mymod:render pages.jsonl -o out.jsonl --max-memory-per-child 1GiB \\
+      --timeout 30 --retries 2 --allow-failures
+"""
+
+
+class UsageError(Exception):
+    """A mistake in the command line: reported with the usage text, exit status 2."""
+
+
+# ----------------------------------------------------------------- argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _size(text: str) -> int | str:
+    """A memory size: bytes, or a number with a unit ('512MiB'); the pool checks the unit."""
+    return int(text) if text.isdigit() else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="poolkit",
+        description="Run Python functions over many inputs in recyclable, crash-isolated worker processes.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"poolkit {__version__} (Python {sys.version.split()[0]})"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run MODULE:FUNCTION on every JSON line of INPUT",
+        description="Run MODULE:FUNCTION on every JSON line of INPUT in worker processes; "
+        "write one JSON line per input to OUTPUT.",
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("target", metavar="MODULE:FUNCTION", help="the function to call, e.g. mypkg.jobs:score")
+    run.add_argument("input", metavar="INPUT", nargs="?", default="-", help="JSON lines file; '-' or absent: stdin")
+    run.add_argument("-o", "--output", default="-", help="where the JSON lines go; '-' or absent: stdout")
+    run.add_argument("--star", action="store_true", help="spread a list input as arguments, a dict as keyword arguments")
+    pool_group = run.add_argument_group("the pool")
+    pool_group.add_argument("-w", "--workers", type=_positive_int, help="worker processes (default: CPUs available)")
+    pool_group.add_argument("--max-tasks-per-child", type=_positive_int, metavar="N", help="recycle a worker after N jobs")
+    pool_group.add_argument(
+        "--max-memory-per-child", type=_size, metavar="SIZE",
+        help="recycle a worker whose RSS after a job is above SIZE (bytes or e.g. 512MiB)",
+    )
+    pool_group.add_argument(
+        "--memory-limit", type=_size, metavar="SIZE",
+        help="kill a worker whose RSS goes above SIZE while a job runs (that input fails)",
+    )
+    pool_group.add_argument(
+        "--start-method", choices=("fork", "forkserver", "spawn"), help="how workers start (default: fork)"
+    )
+    pool_group.add_argument("--dask", metavar="ADDRESS", help="run on a Dask cluster (scheduler address)")
+    jobs = run.add_argument_group("each input")
+    jobs.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="stop an input running longer than this")
+    jobs.add_argument(
+        "--retries", type=_non_negative_int, default=0, metavar="N",
+        help="run an input again up to N times after its worker crashed or it timed out",
+    )
+    jobs.add_argument("--retry-exceptions", action="store_true", help="also retry inputs whose function raised")
+    jobs.add_argument("--ordered", action="store_true", help="write results in input order (default: as they finish)")
+    jobs.add_argument("--chunksize", type=_positive_int, metavar="N", help="inputs per job (default: measured)")
+    out = run.add_argument_group("reporting")
+    out.add_argument(
+        "--allow-failures", action="store_true", help="exit 0 even if some inputs failed (not when interrupted)"
+    )
+    out.add_argument(
+        "--progress", choices=MODES, default="auto",
+        help="auto: a live bar on a terminal, plain lines otherwise (default: auto)",
+    )
+    out.add_argument(
+        "--progress-interval", type=_seconds, default=2.0, metavar="SECONDS",
+        help="seconds between plain progress lines (default: 2)",
+    )
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary; errors only")
+    run.set_defaults(handler=_cmd_run, subparser=run)
+
+    demo = commands.add_parser(
+        "demo",
+        help="watch poolkit run a mixed batch with crashes, timeouts and recycling",
+        description="A self-contained tour (about 20 s): extract, backup and fine-tuning jobs, plus a "
+        "leaky job (recycled for memory), a crashing job and a hanging job (timed out), "
+        "shown live, then a summary. Needs no setup; everything lives in a temporary directory.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 when the pool behaved as expected, 1 otherwise",
+    )
+    demo.add_argument("-w", "--workers", type=_positive_int, default=4, help="worker processes (default: 4)")
+    demo.add_argument(
+        "--progress", choices=("auto", "rich", "plain"), default="auto",
+        help="auto: a live dashboard on a terminal, plain lines otherwise",
+    )
+    demo.set_defaults(handler=_cmd_demo, subparser=demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``poolkit`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    handler = cast(Callable[[argparse.Namespace], int], args.handler)
+    try:
+        return handler(args)
+    except UsageError as exc:
+        _usage_error(args.subparser, str(exc))
+    except KeyboardInterrupt:  # before the run's own handler is in place (importing, starting)
+        sys.stderr.write("poolkit: interrupted\n")
+        return EXIT_SIGINT
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    parser.print_usage(sys.stderr)
+    sys.stderr.write(f"{parser.prog}: error: {message}\n")
+    sys.exit(EXIT_USAGE)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(workers=args.workers, progress=args.progress)
+
+
+# ----------------------------------------------------------------- resolving the function
+
+
+def resolve_function(spec: str) -> Callable[..., Any]:
+    """Import ``MODULE:FUNCTION`` (``FUNCTION`` may be dotted) from the current directory or sys.path."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"expected MODULE:FUNCTION (for example 'json:dumps'), got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # as 'python -m' does: the user's modules are usually here
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise UsageError(
+                f"no module named {missing!r} (looked in the current directory and on sys.path)"
+            ) from None
+        raise UsageError(f"importing module {module_name!r} failed: {exc}") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        raise UsageError(f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    found: Any = module
+    path = module_name
+    for part in attr.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            names = [n for n in dir(found) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=3)
+            hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
+            raise UsageError(f"{path!r} has no attribute {part!r}{hint}") from None
+        path = f"{path}.{part}" if path != module_name else f"{module_name}:{part}"
+    if not callable(found):
+        raise UsageError(f"{spec!r} is not callable (it is a {type(found).__name__})")
+    try:
+        dumps(found)
+    except Exception as exc:
+        raise UsageError(
+            f"{spec!r} cannot be sent to worker processes: it cannot be pickled "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    return cast(Callable[..., Any], found)
+
+
+# ----------------------------------------------------------------- the pool
+
+
+class _TrackingPool:
+    """Passes ``run_batch``'s calls to the pool and remembers the unfinished futures.
+
+    ``pool.shutdown(cancel_futures=True)`` cancels queued jobs but lets running
+    ones finish; after Ctrl-C the user wants them stopped too, so the CLI
+    terminates every future it still knows about.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self._futures: set[Future[Any]] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def max_workers(self) -> int:
+        return int(self.pool.max_workers)
+
+    def options(self, **kwargs: Any) -> _TrackingOptions:
+        return _TrackingOptions(self, self.pool.options(**kwargs))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self.track(self.pool.submit(fn, *args, **kwargs))
+
+    def track(self, future: Future[Any]) -> Future[Any]:
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)  # outside the lock: it may run right here
+        return future
+
+    def _forget(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def stop_all(self) -> None:
+        """Cancel what is queued and kill the workers running the rest."""
+        with self._lock:
+            futures = list(self._futures)
+        for future in futures:
+            terminate = getattr(future, "terminate", None)
+            if terminate is not None:
+                terminate()
+            else:
+                future.cancel()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+class _TrackingOptions:
+    def __init__(self, tracker: _TrackingPool, options: Any) -> None:
+        self._tracker = tracker
+        self._options = options
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._tracker.track(self._options.submit(fn, *args, **kwargs))
+
+
+def _make_pool(args: argparse.Namespace) -> Any:
+    options: dict[str, Any] = {
+        "max_tasks_per_child": args.max_tasks_per_child,
+        "max_memory_per_child": args.max_memory_per_child,
+        "memory_limit_per_child": args.memory_limit,
+        "start_method": args.start_method,
+        "name": "poolkit-run",
+    }
+    if args.dask is None:
+        try:
+            return Pool(args.workers, **options)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        dask_backend = importlib.import_module("poolkit.dask_backend")
+    except ModuleNotFoundError as exc:
+        if exc.name == "poolkit.dask_backend":
+            raise UsageError("dask support is not installed") from None
+        raise UsageError(
+            f"dask support needs the {exc.name!r} package: pip install 'poolkit[dask]'"
+        ) from None
+    given = {k: v for k, v in options.items() if v is not None and k != "name"}
+    try:
+        return dask_backend.DaskPool(args.dask, args.workers, **given)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot reach the Dask scheduler at {args.dask!r}: {exc}") from None
+
+
+# ----------------------------------------------------------------- interrupts
+
+
+class _Interrupted(BaseException):
+    """Raised in the main thread by SIGINT/SIGTERM, outside the critical sections."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Interrupts:
+    """Turns SIGINT and SIGTERM into :class:`_Interrupted`, deferred while a line is written."""
+
+    def __init__(self) -> None:
+        self.critical = False
+        self.pending: int | None = None
+        self.stopping = False
+        self._saved: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals can only be handled in the main thread (main() called from a test thread)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._saved[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        self._saved.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            return  # already stopping; the cleanup takes at most the pool's kill grace
+        if self.critical:
+            self.pending = signum
+            return
+        self.stopping = True
+        raise _Interrupted(signum)
+
+    @contextlib.contextmanager
+    def protect(self) -> Iterator[None]:
+        """No interruption inside: a line is written whole and counted once."""
+        self.critical = True
+        try:
+            yield
+        finally:
+            self.critical = False
+        if self.pending is not None and not self.stopping:
+            signum, self.pending = self.pending, None
+            self.stopping = True
+            raise _Interrupted(signum)
+
+
+# ----------------------------------------------------------------- input and output
+
+
+class _Output:
+    """One JSON line per record, flushed each time so that an interrupted run keeps its results."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: TextIO | None = None
+        if path != "-":
+            try:
+                self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            except OSError as exc:
+                raise UsageError(f"cannot write output file {path!r}: {exc.strerror or exc}") from None
+
+    @property
+    def stream(self) -> TextIO:
+        # stdout looked up each time: rich's live display swaps it for a proxy that prints above the bar.
+        return self._file if self._file is not None else sys.stdout
+
+    def write(self, record: dict[str, Any]) -> None:
+        stream = self.stream
+        stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        stream.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _count_lines(stream: BinaryIO) -> int | None:
+    """Non-blank lines left in a regular file (for percentage and ETA); None for a pipe."""
+    try:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            return None
+        start = stream.tell()
+    except (OSError, ValueError):
+        return None
+    count = sum(1 for line in stream if line.strip())
+    stream.seek(start)
+    return count
+
+
+def _invalid_record(index: int, lineno: int, raw: bytes, message: str) -> dict[str, Any]:
+    text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    return {
+        "index": index,
+        "line": lineno,
+        "status": "error",
+        "input": None,
+        "raw": text if len(text) <= 1000 else text[:1000] + "...",
+        "error": {"type": "InvalidInput", "message": f"line {lineno}: {message}", "traceback": None},
+        "attempts": 0,
+        "worker_id": None,
+        "pid": None,
+        "wall_time": None,
+    }
+
+
+def _not_run_record(index: int, lineno: int, value: Any) -> dict[str, Any]:
+    return {
+        "index": index,
+        "line": lineno,
+        "status": "not_run",
+        "input": value,
+        "attempts": 0,
+        "worker_id": None,
+        "pid": None,
+        "wall_time": None,
+    }
+
+
+def _parse_line(raw: bytes, star: bool) -> tuple[bool, Any]:
+    """(True, value) or (False, why the line is not a valid input)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return False, f"not UTF-8 ({exc.reason} at byte {exc.start})"
+    try:
+        value = json.loads(text.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        return False, f"invalid JSON: {exc.msg} at column {exc.colno}"
+    if star and not isinstance(value, (list, dict)):
+        return False, f"with --star each input must be a JSON array or object, got {type(value).__name__}"
+    return True, value
+
+
+class _RunState:
+    """Everything ``poolkit run`` knows about its inputs while it runs (main thread only)."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        output: _Output,
+        display: RunDisplay,
+        tally: RunTally,
+        interrupts: _Interrupts,
+    ) -> None:
+        self.args = args
+        self.output = output
+        self.display = display
+        self.tally = tally
+        self.interrupts = interrupts
+        self.next_index = 0  # inputs (non-blank lines) registered so far
+        self.lines_read = 0  # the last line number fully registered
+        # batch index -> (input index, line, value) for inputs sent and not yet written
+        self.pending: dict[int, tuple[int, int, Any]] = {}
+        self.batch_count = 0
+        self.held_invalid: deque[tuple[int, dict[str, Any]]] = deque()  # --ordered only
+        self.errors: Counter[str] = Counter()
+        self.retried = 0
+        self.not_run = 0
+
+    def inputs(self, stream: BinaryIO) -> Iterator[Any]:
+        """The valid inputs, read lazily; invalid lines are written (or held, --ordered) as errors."""
+        lineno = self.lines_read
+        for raw in stream:
+            lineno += 1
+            if not raw.strip():
+                with self.interrupts.protect():
+                    self.lines_read = lineno
+                continue
+            with self.interrupts.protect():
+                ok, value = _parse_line(raw, self.args.star)
+                index = self.next_index
+                self.next_index += 1
+                self.lines_read = lineno
+                if ok:
+                    self.pending[self.batch_count] = (index, lineno, value)
+                    self.batch_count += 1
+                else:
+                    self._invalid(index, lineno, raw, value)
+            if ok:
+                yield value
+
+    def _invalid(self, index: int, lineno: int, raw: bytes, why: str) -> None:
+        self.display.message(f"poolkit: line {lineno}: {why}; input skipped (error InvalidInput)")
+        record = _invalid_record(index, lineno, raw, why)
+        if self.args.ordered:
+            self.held_invalid.append((index, record))
+        else:
+            self._write(record, ok=False, error="InvalidInput")
+
+    def _write(self, record: dict[str, Any], *, ok: bool, error: str | None) -> None:
+        self.output.write(record)
+        self.tally.record(ok)
+        if error is not None:
+            self.errors[error] += 1
+        self.display.update()
+
+    def _release_invalid(self, before: int | None) -> None:
+        while self.held_invalid and (before is None or self.held_invalid[0][0] < before):
+            _, record = self.held_invalid.popleft()
+            self._write(record, ok=False, error="InvalidInput")
+
+    def outcome(self, outcome: Outcome[Any]) -> None:
+        """Write one finished input (called inside ``protect``)."""
+        index, lineno, value = self.pending.pop(outcome.index)
+        if self.args.ordered:
+            self._release_invalid(index)
+        record: dict[str, Any] = {"index": index, "line": lineno}
+        ok = outcome.ok
+        error = outcome.error
+        if ok:
+            try:
+                result_json: Any = json.loads(json.dumps(outcome.value))
+            except (TypeError, ValueError) as exc:
+                ok, error = False, "ResultNotJSON"
+                record.update(
+                    status="error",
+                    input=value,
+                    error={
+                        "type": "ResultNotJSON",
+                        "message": f"the function returned {type(outcome.value).__name__} "
+                        f"{_short_repr(outcome.value)}, which JSON cannot hold: {exc}",
+                        "traceback": None,
+                    },
+                )
+            else:
+                record.update(status="ok", input=value, result=result_json)
+        else:
+            record.update(
+                status="error",
+                input=value,
+                error={"type": error, "message": outcome.message, "traceback": outcome.traceback},
+            )
+        record.update(
+            attempts=outcome.attempts,
+            worker_id=outcome.worker_id,
+            pid=outcome.pid,
+            wall_time=None if outcome.wall_time is None else round(outcome.wall_time, 6),
+        )
+        if outcome.attempts > 1:
+            self.retried += 1
+        self._write(record, ok=ok, error=None if ok else error or "Error")
+
+    def finish(self) -> None:
+        self._release_invalid(None)
+
+    def write_not_run(self, stream: BinaryIO, input_is_file: bool) -> str | None:
+        """After an interruption: a "not_run" line for every input without a result.
+
+        Returns a note for stderr about stdin lines that were never read.
+        """
+        leftovers: list[tuple[int, dict[str, Any]]] = list(self.held_invalid)
+        self.held_invalid.clear()
+        for index, lineno, value in self.pending.values():
+            leftovers.append((index, _not_run_record(index, lineno, value)))
+        self.pending.clear()
+        leftovers.sort(key=lambda item: item[0])
+        for _, record in leftovers:
+            self._record_leftover(record)
+        if not input_is_file:
+            return f"stdin was read up to line {self.lines_read}; lines after it were not read"
+        # A file: name every input that was not read yet, so the output is complete.
+        lineno = self.lines_read
+        for raw in stream:
+            lineno += 1
+            if not raw.strip():
+                continue
+            ok, value = _parse_line(raw, self.args.star)
+            index = self.next_index
+            self.next_index += 1
+            if ok:
+                self._record_leftover(_not_run_record(index, lineno, value))
+            else:
+                self._write(_invalid_record(index, lineno, raw, value), ok=False, error="InvalidInput")
+        return None
+
+    def _record_leftover(self, record: dict[str, Any]) -> None:
+        if record["status"] == "not_run":
+            self.output.write(record)
+            self.not_run += 1
+        else:
+            self._write(record, ok=False, error="InvalidInput")
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------- poolkit run
+
+
+def _open_input(path: str) -> tuple[BinaryIO, bool]:
+    if path == "-":
+        return sys.stdin.buffer, False
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise UsageError(f"cannot read input file {path!r}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(os.fstat(stream.fileno()).st_mode):
+        stream.close()
+        raise UsageError(f"cannot read input file {path!r}: it is a directory")
+    return stream, True
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    fn = resolve_function(args.target)
+    if args.retry_exceptions and args.retries == 0:
+        raise UsageError("--retry-exceptions needs --retries N (N >= 1)")
+    stream, input_is_file = _open_input(args.input)
+    try:
+        output = _Output(args.output)
+    except UsageError:
+        if input_is_file:
+            stream.close()
+        raise
+    pool = None
+    try:
+        pool = _make_pool(args)
+        return _run(args, fn, pool, stream, input_is_file, output)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        output.close()
+        if input_is_file:
+            stream.close()
+
+
+def _run(
+    args: argparse.Namespace,
+    fn: Callable[..., Any],
+    pool: Any,
+    stream: BinaryIO,
+    input_is_file: bool,
+    output: _Output,
+) -> int:
+    tally = RunTally(total=_count_lines(stream))
+    mode = "none" if args.quiet else args.progress
+    display, console = make_run_display(mode, tally, interval=args.progress_interval)
+    interrupts = _Interrupts()
+    state = _RunState(args, output, display, tally, interrupts)
+    tracker = _TrackingPool(pool)
+    poller = StatsPoller(pool.stats, lambda s: setattr(tally, "recycled", s.recycled))
+    stopped_by: int | None = None
+    failure: BaseException | None = None
+    started = time.monotonic()
+    interrupts.install()
+    display.start()
+    poller.start()
+    try:
+        try:
+            outcomes = run_batch(
+                cast(Pool, tracker),
+                fn,
+                state.inputs(stream),
+                retries=args.retries,
+                retry_exceptions=args.retry_exceptions,
+                timeout=args.timeout,
+                ordered=args.ordered,
+                chunksize=args.chunksize,
+                max_in_flight=None,
+                star=args.star,
+            )
+            for outcome in outcomes:
+                with interrupts.protect():
+                    state.outcome(outcome)
+            with interrupts.protect():
+                state.finish()
+        except _Interrupted as exc:
+            stopped_by = exc.signum
+        except OSError as exc:  # the output could not be written (disk full, closed pipe)
+            failure = exc
+        except Exception as exc:  # the pool broke: still stop cleanly and say what did not run
+            failure = exc
+        finally:
+            interrupts.stopping = True  # a second Ctrl-C during the cleanup is ignored
+        if stopped_by is not None or failure is not None:
+            tracker.stop_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+            if not isinstance(failure, OSError):
+                note = state.write_not_run(stream, input_is_file)
+                if note:
+                    display.message(f"poolkit: {note}")
+        else:
+            pool.shutdown(wait=True)
+    finally:
+        poller.stop()
+        final = _final_stats(pool)
+        if final is not None:
+            tally.recycled = final.recycled
+        display.stop()
+        interrupts.restore()
+    wall = time.monotonic() - started
+    if stopped_by is not None:
+        name = signal.Signals(stopped_by).name
+        sys.stderr.write(
+            f"poolkit: interrupted by {name}; workers stopped; {state.not_run} inputs did not run "
+            f"(status \"not_run\" in the output)\n"
+        )
+    if failure is not None:
+        sys.stderr.write(f"poolkit: the run stopped: {type(failure).__name__}: {failure}\n")
+    if not args.quiet:
+        _print_run_summary(args, state, tally, final, wall, console, rich_table=isinstance(display, RichRunDisplay))
+    if stopped_by is not None:
+        return EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
+    if failure is not None:
+        return EXIT_FAILURES
+    if tally.failed and not args.allow_failures:
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def _final_stats(pool: Any) -> PoolStats | None:
+    try:
+        return cast(PoolStats, pool.stats())
+    except Exception:
+        return None
+
+
+def _print_run_summary(
+    args: argparse.Namespace,
+    state: _RunState,
+    tally: RunTally,
+    stats: PoolStats | None,
+    wall: float,
+    console: Any,
+    *,
+    rich_table: bool,
+) -> None:
+    total = tally.done + state.not_run
+    failed = ", ".join(f"{name} {count}" for name, count in state.errors.most_common())
+    rows = [
+        ("inputs", str(total)),
+        ("ok", str(tally.ok)),
+        ("failed", f"{tally.failed}" + (f" ({failed})" if failed else "")),
+    ]
+    if state.not_run:
+        rows.append(("not run", f"{state.not_run} (interrupted)"))
+    rows.append(("retried", f"{state.retried} inputs needed more than one attempt"))
+    if stats is not None:
+        reasons = {k: v for k, v in stats.retired.items() if k != "shutdown" and v}
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        rows.append(("workers recycled", f"{stats.recycled}" + (f" ({detail})" if detail else "")))
+        rows.append(("workers started", str(stats.spawned)))
+    rows.append(("wall time", format_duration(wall)))
+    rows.append(("throughput", f"{tally.done / wall if wall > 0 else 0.0:.1f} jobs/s"))
+    rows.append(("output", "stdout" if args.output == "-" else args.output))
+
+    def style_of(label: str) -> str:
+        if label == "failed" and tally.failed:
+            return "red"
+        if label == "not run":
+            return "yellow"
+        if label == "ok":
+            return "green"
+        return ""
+
+    print_summary("poolkit run summary", rows, console, rich_table=rich_table, style_of=style_of)
+

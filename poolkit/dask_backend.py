@@ -1,0 +1,1072 @@
+"""Run poolkit jobs on a Dask distributed cluster, with poolkit's isolation on every node.
+
+``DaskPool(address_or_client, **pool_options)`` has :class:`~poolkit.Pool`'s API
+(``submit``, ``map``, ``options``, ``batch``, ``stats``, ``shutdown``, the
+``concurrent.futures.Executor`` interface) but its jobs run on the workers of a
+Dask cluster.
+
+How a job travels (see ``docs/dask.md`` for the why):
+
+* ``DaskPool`` registers a Dask ``WorkerPlugin`` (:class:`NodePool`) with the pool
+  options. On every Dask worker, present and future, the plugin starts a local
+  :class:`~poolkit.Pool` sized to the worker's thread count.
+* Each job is one Dask task (:func:`run_job`). The task hands the job to its
+  worker's local pool and waits, so a segfault, a leak or a timeout kills a
+  poolkit child, never the Dask worker, and ``max_tasks_per_child``, the memory
+  limits and the timeouts mean the same on every node as on one machine.
+* The task returns an *envelope* (value or the job's exception, its remote
+  traceback, the job's stats, the last progress value) instead of raising:
+  pickling drops ``__cause__``, so the envelope carries the traceback text and
+  the caller chains it again; and the caller-side future gets its ``stats``
+  whether the job succeeded or not. Dask itself only ever sees a task fail when
+  the task could not run the job at all (no pool on that worker, a broken pool).
+* Dask does what it is good at: placement, moving arguments (a Dask future
+  among the arguments becomes its value), and worker loss: a task whose Dask
+  worker dies is run again elsewhere, up to the scheduler's
+  ``allowed-failures``; past that the caller sees :class:`DaskJobLost`.
+* "Started" and progress messages travel as Dask events
+  (``Worker.log_event`` -> scheduler -> ``Client.subscribe_topic``); the
+  caller's future gets ``running()``, ``progress`` and its progress callbacks.
+
+On the caller's side one delivery thread owns the futures: it takes Dask's
+done notices, cancellations and events from one queue, gathers finished
+results in batches (one round trip for many jobs) and resolves the futures, so
+that progress callbacks always run before the job's result is set.
+
+This module imports ``distributed``; ``import poolkit`` never imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import itertools
+import logging
+import pickle
+import queue
+import re
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures import wait as wait_futures
+from typing import Any, TypeVar
+
+import distributed
+from distributed import WorkerPlugin, get_worker
+
+from . import batch as _batch
+from .config import PoolConfig
+from .errors import BrokenPool, JobTimeout, PoolkitError, RemoteTraceback, WorkerCrashed
+from .futures import JobFuture
+from .pool import Pool
+from .serialization import dumps, loads
+from .stats import JobStats, PoolStats
+
+__all__ = ["DaskJobFuture", "DaskJobLost", "DaskJobOptions", "DaskPool", "NodePool", "run_job"]
+
+T = TypeVar("T")
+
+log = logging.getLogger("poolkit.dask")
+
+DEFAULT_PROGRESS_INTERVAL = 0.05
+"""Seconds between two progress messages of one job through the scheduler.
+
+A job may call ``report_progress`` in a tight loop; locally that costs a pipe
+write, on a cluster every message crosses the scheduler. Values in between are
+coalesced (the latest wins), and the last one always arrives with the result.
+"""
+
+
+class DaskJobLost(WorkerCrashed):
+    """Dask gave up on the job: its Dask worker died more often than ``allowed-failures``,
+    or Dask cancelled it (scheduler gone, client closed, cluster restarted).
+
+    A :class:`~poolkit.WorkerCrashed` (so a ``BrokenProcessPool``): the job did
+    not fail by itself, the machinery under it went away. The Dask error is the
+    ``__cause__``.
+    """
+
+
+# ===================================================================== nodes
+
+
+Envelope = tuple[
+    bool, Any, "str | None", "JobStats | None", "int | None", "int | None", str, int, Any
+]
+"""(ok, value or exception, remote traceback, stats, worker id, pid, node, progress count, last progress)."""
+
+
+class NodePool(WorkerPlugin):
+    """A Dask worker plugin that hosts one local poolkit :class:`~poolkit.Pool`.
+
+    Registered by :class:`DaskPool`; Dask runs :meth:`setup` on every worker that
+    is in the cluster or joins it later, and :meth:`teardown` when the
+    ``DaskPool`` shuts down or the worker closes.
+    """
+
+    def __init__(
+        self, plugin_name: str, pool_options: dict[str, Any], max_workers: int | None
+    ) -> None:
+        self.plugin_name = plugin_name
+        self.pool_options = pool_options
+        self.max_workers = max_workers
+        # Made in setup(), on the worker: a plugin travels pickled, these do not pickle.
+        self.pool: Pool | None = None
+        self.running: dict[str, JobFuture[Any]] = {}
+        self.lock: threading.Lock | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "plugin_name": self.plugin_name,
+            "pool_options": self.pool_options,
+            "max_workers": self.max_workers,
+            "pool": None,
+            "running": {},
+            "lock": None,
+        }
+
+    def setup(self, worker: Any) -> None:
+        size = self.max_workers or int(worker.state.nthreads)
+        options = dict(self.pool_options)
+        floor = options.get("min_workers")
+        if floor is not None:
+            options["min_workers"] = min(int(floor), size)
+        self.lock = threading.Lock()
+        # The Dask worker's event loop runs in its main thread: the node pool's
+        # template gets the parent-death signal, so no child outlives the worker.
+        self.pool = Pool(size, **options)
+
+    async def teardown(self, worker: Any) -> None:
+        pool = self.pool
+        if pool is None:
+            return
+        self.terminate(list(self.running))
+        # Joining the pool's manager blocks; keep the Dask worker's event loop free.
+        await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+        self.pool = None
+
+    def terminate(self, job_ids: Iterable[str]) -> int:
+        """Stop these jobs if they run here (kill their poolkit children); how many were found."""
+        found = 0
+        for job_id in job_ids:
+            future = self.running.get(job_id)
+            if future is not None:
+                future.terminate()
+                found += 1
+        return found
+
+    def run(
+        self,
+        worker: Any,
+        topic: str,
+        seq: int,
+        job_id: str,
+        job_type: str | None,
+        timeout: float | None,
+        retries: int,
+        interval: float,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Envelope:
+        """Run one job in the local pool and wait for it (in a Dask task thread)."""
+        pool = self.pool
+        if pool is None:
+            raise BrokenPool(f"the poolkit pool on Dask worker {worker.address} is shut down")
+        address = str(worker.address)
+        worker.log_event(topic, ("s", seq, job_id, address))
+        local = pool.options(
+            timeout=timeout, job_id=job_id, job_type=job_type, retries=retries
+        ).submit(fn, *args, **kwargs)
+        forwarder = _ProgressForwarder(worker, topic, seq, interval)
+        local.add_progress_callback(forwarder.put)
+        # The job may have reported before the callback was attached: send that value.
+        forwarder.catch_up(local)
+        local.add_done_callback(forwarder.finish)
+        self.running[job_id] = local
+        try:
+            forwarder.follow()
+        finally:
+            self.running.pop(job_id, None)
+        count = forwarder.count
+        stats = local.stats
+        if local.cancelled():
+            error: BaseException = CancelledError(f"job {job_id} was terminated on {address}")
+            return (
+                False,
+                error,
+                None,
+                stats,
+                local.worker_id,
+                local.pid,
+                address,
+                count,
+                local.progress,
+            )
+        exc = local.exception()
+        if exc is None:
+            return (
+                True,
+                local.result(),
+                None,
+                stats,
+                local.worker_id,
+                local.pid,
+                address,
+                count,
+                local.progress,
+            )
+        cause = exc.__cause__
+        tb = cause.tb if isinstance(cause, RemoteTraceback) else None
+        try:
+            pickle.dumps(exc)
+        except Exception as pickling_error:
+            # It crossed the pool's pipe, so this is rare; never let it break the result path.
+            exc = PoolkitError(
+                f"{type(exc).__name__}: {exc} (could not be pickled: {pickling_error!r})"
+            )
+        return (False, exc, tb, stats, local.worker_id, local.pid, address, count, local.progress)
+
+
+class _ProgressForwarder:
+    """Sends one job's progress values to the caller, at most one per ``interval``.
+
+    ``put`` runs in the node pool's manager thread and must never wait; a value
+    that comes too soon is kept (the latest wins) and sent by :meth:`follow`,
+    which runs in the Dask task thread until the job is done.
+    """
+
+    def __init__(self, worker: Any, topic: str, seq: int, interval: float) -> None:
+        self.worker = worker
+        self.topic = topic
+        self.seq = seq
+        self.interval = interval
+        self.cond = threading.Condition(threading.RLock())
+        self.count = 0
+        self.pending: tuple[int, Any] | None = None
+        self.next_send = 0.0
+        self.done = False
+
+    def put(self, _future: Any, value: Any) -> None:
+        with self.cond:
+            self.count += 1
+            now = time.monotonic()
+            if now >= self.next_send:
+                self.pending = None
+                self.send(self.count, value, now)
+            else:
+                self.pending = (self.count, value)
+                self.cond.notify()
+
+    def catch_up(self, future: JobFuture[Any]) -> None:
+        with self.cond:
+            value = future.progress
+            if self.count == 0 and value is not None:
+                self.put(future, value)
+
+    def finish(self, _future: Any) -> None:
+        with self.cond:
+            self.done = True
+            self.cond.notify()
+
+    def follow(self) -> None:
+        with self.cond:
+            while not self.done:
+                if self.pending is None:
+                    self.cond.wait()
+                    continue
+                now = time.monotonic()
+                if now < self.next_send:
+                    self.cond.wait(self.next_send - now)
+                    continue
+                count, value = self.pending
+                self.pending = None
+                self.send(count, value, now)
+
+    def send(self, count: int, value: Any, now: float) -> None:
+        self.next_send = now + self.interval
+        try:
+            # Events must be msgpack-able: the value travels as pickle bytes.
+            self.worker.log_event(self.topic, ("p", self.seq, count, dumps(value)))
+        except Exception:
+            log.exception("could not forward progress of job %s", self.seq)
+
+
+def run_job(
+    plugin_name: str,
+    topic: str,
+    seq: int,
+    job_id: str,
+    job_type: str | None,
+    timeout: float | None,
+    retries: int,
+    interval: float,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Envelope:
+    """The Dask task of one job: hand it to this worker's poolkit pool and wait."""
+    worker = get_worker()
+    plugin = worker.plugins.get(plugin_name)
+    if not isinstance(plugin, NodePool):
+        raise BrokenPool(
+            f"Dask worker {worker.address} has no poolkit pool {plugin_name!r} "
+            "(the DaskPool was shut down, or the plugin failed to start there)"
+        )
+    return plugin.run(
+        worker, topic, seq, job_id, job_type, timeout, retries, interval, fn, args, kwargs
+    )
+
+
+async def _terminate_on_node(plugin_name: str, job_ids: list[str], dask_worker: Any = None) -> int:
+    # A coroutine, so that Client.run(wait=False) takes it; it only signals, never blocks.
+    plugin = dask_worker.plugins.get(plugin_name) if dask_worker is not None else None
+    return plugin.terminate(job_ids) if isinstance(plugin, NodePool) else 0
+
+
+def _node_stats(plugin_name: str, dask_worker: Any = None) -> PoolStats | None:
+    plugin = dask_worker.plugins.get(plugin_name) if dask_worker is not None else None
+    if not isinstance(plugin, NodePool) or plugin.pool is None:
+        return None
+    return plugin.pool.stats()
+
+
+# ===================================================================== caller
+
+
+class DaskJobFuture(JobFuture[T]):
+    """The future of a job run through :class:`DaskPool`: a :class:`~poolkit.JobFuture`
+    that also says on which Dask worker (``node``, its address) the job ran.
+
+    ``worker_id`` and ``pid`` are those of the poolkit child on that node;
+    worker ids are per node, so ``(node, worker_id)`` names a child in the cluster.
+    """
+
+    def __init__(self, job_id: str, job_type: str | None) -> None:
+        super().__init__(job_id, job_type)
+        self.node: str | None = None
+        self._node_stats: JobStats | None = None
+
+    @property
+    def stats(self) -> JobStats | None:
+        return self._node_stats
+
+    def __repr__(self) -> str:
+        return f"<DaskJobFuture job_id={self.job_id!r} {self._state.lower()}>"
+
+
+class _Job:
+    """One job as the caller's side tracks it (owned by the delivery thread once submitted)."""
+
+    __slots__ = ("dask_future", "future", "progress_seen", "seq", "terminate_requested")
+
+    def __init__(self, seq: int, future: DaskJobFuture[Any]) -> None:
+        self.seq = seq
+        self.future = future
+        self.dask_future: Any = None
+        self.progress_seen = 0
+        self.terminate_requested = False
+
+
+_live_pools: weakref.WeakSet[DaskPool] = weakref.WeakSet()
+
+
+def _shutdown_all_at_exit() -> None:
+    # Leave no node pools registered on a long-lived cluster when the caller exits.
+    for pool in list(_live_pools):
+        try:
+            pool.shutdown(wait=False, cancel_futures=True)
+            pool._close(timeout=5)
+        except Exception:
+            pass
+
+
+atexit.register(_shutdown_all_at_exit)
+
+
+class DaskPool(Executor):
+    """A poolkit pool whose jobs run on a Dask distributed cluster.
+
+    Args:
+        address_or_client: a scheduler address (``"tcp://10.0.0.1:8786"``), a
+            ``distributed.Client`` (used as is and left open), or anything
+            ``Client()`` accepts, such as a ``LocalCluster``.
+        max_workers: poolkit children on each Dask worker; default: that
+            worker's thread count (one Dask thread runs one job at a time, so
+            more than that is never used).
+        start_method: of the node pools; default ``"forkserver"`` (see
+            ``docs/dask.md``: the template is then a fresh interpreter that does
+            not inherit the Dask worker's sockets and threads).
+        progress_interval: at most one progress message per job per this many
+            seconds crosses the scheduler; the last value always arrives.
+        connect_timeout: seconds to wait for the scheduler when given an address.
+        The other options are :class:`~poolkit.Pool`'s and apply to every node's
+        pool: ``max_tasks_per_child``, ``max_memory_per_child``,
+        ``memory_limit_per_child``, ``job_timeout``, initializer, finalizer, ...
+    """
+
+    def __init__(
+        self,
+        address_or_client: Any,
+        max_workers: int | None = None,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Sequence[Any] = (),
+        start_method: str | None = "forkserver",
+        preload: Sequence[str] = (),
+        finalizer: Callable[..., Any] | None = None,
+        finalargs: Sequence[Any] = (),
+        max_tasks_per_child: int | None = None,
+        recycle_jitter: float = 0.1,
+        max_memory_per_child: int | str | None = None,
+        memory_limit_per_child: int | str | None = None,
+        memory_check_interval: float = 0.01,
+        max_lifetime_per_child: float | None = None,
+        idle_timeout: float | None = None,
+        min_workers: int | None = None,
+        job_timeout: float | None = None,
+        kill_grace: float = 1.0,
+        name: str | None = None,
+        progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        options: dict[str, Any] = dict(
+            initializer=initializer,
+            initargs=tuple(initargs) if isinstance(initargs, (list, tuple)) else initargs,
+            start_method=start_method,
+            preload=tuple(preload) if isinstance(preload, (list, tuple)) else preload,
+            finalizer=finalizer,
+            finalargs=tuple(finalargs) if isinstance(finalargs, (list, tuple)) else finalargs,
+            max_tasks_per_child=max_tasks_per_child,
+            recycle_jitter=recycle_jitter,
+            max_memory_per_child=max_memory_per_child,
+            memory_limit_per_child=memory_limit_per_child,
+            memory_check_interval=memory_check_interval,
+            max_lifetime_per_child=max_lifetime_per_child,
+            idle_timeout=idle_timeout,
+            min_workers=min_workers,
+            job_timeout=job_timeout,
+            kill_grace=kill_grace,
+            name=name or "dask",
+        )
+        # Bad options are the caller's mistake: say so here, not on every node.
+        config = PoolConfig.build(
+            max_workers=max_workers if max_workers is not None else max(1, min_workers or 1),
+            mp_context=None,
+            **options,
+        )
+        if isinstance(progress_interval, bool) or not isinstance(progress_interval, (int, float)):
+            raise TypeError(
+                f"progress_interval must be a number of seconds, got {progress_interval!r}"
+            )
+        if progress_interval < 0:
+            raise ValueError(f"progress_interval must be >= 0, got {progress_interval!r}")
+        self._per_node = max_workers
+        self._config = config
+        self._job_timeout = config.job_timeout
+        self._interval = float(progress_interval)
+        self._name = config.name
+
+        if isinstance(address_or_client, distributed.Client):
+            client: Any = address_or_client
+            self._owns_client = False
+            if client.asynchronous:
+                raise TypeError("DaskPool needs a synchronous distributed.Client")
+        else:
+            make_client: Any = distributed.Client
+            client = make_client(address_or_client, timeout=connect_timeout, set_as_default=False)
+            self._owns_client = True
+        self._client: Any = client
+        token = uuid.uuid4().hex[:8]
+        slug = re.sub(r"[^A-Za-z0-9_.]+", "_", self._name)
+        self._plugin_name = f"poolkit-{slug}-{token}"
+        self._topic = self._plugin_name
+        self._seq = itertools.count(1)
+        self._jobs: dict[int, _Job] = {}
+        self._given_ids: set[str] = set()
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("submitted", "done", "failed", "crashed", "timed_out", "cancelled"), 0
+        )
+        self._delivery = threading.Thread(
+            target=self._deliver, name=f"poolkit-dask-{slug}", daemon=True
+        )
+        self._delivery.start()
+        try:
+            # Subscribe first: the scheduler handles our messages in order, so no
+            # "started" or progress event of a job can precede the subscription.
+            client.subscribe_topic(self._topic, self._on_event)
+            client.register_plugin(
+                NodePool(self._plugin_name, options, max_workers), name=self._plugin_name
+            )
+        except BaseException:
+            self._close(timeout=5)
+            raise
+        _live_pools.add(self)
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` (to scatter data, watch the dashboard, ...)."""
+        return self._client
+
+    @property
+    def config(self) -> PoolConfig:
+        """The options every node's pool gets (``max_workers`` there is per node)."""
+        return self._config
+
+    @property
+    def max_workers(self) -> int:
+        """How many jobs the cluster runs at once now: the sum over Dask workers of
+        their thread count (capped by ``max_workers`` per node); at least 1."""
+        nthreads: dict[str, int] = self._client.nthreads()
+        per_node = self._per_node
+        total = sum(n if per_node is None else min(n, per_node) for n in nthreads.values())
+        return max(1, total)
+
+    # ------------------------------------------------------------ submit
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> DaskJobFuture[T]:
+        """Run ``fn(*args, **kwargs)`` in a poolkit child on some Dask worker.
+
+        Dask futures among the arguments are replaced by their values on the
+        node (Dask moves the data). Per-job options go through :meth:`options`.
+        """
+        return self._submit(fn, args, kwargs, None, None, None, 0)
+
+    def options(
+        self,
+        *,
+        timeout: float | None = None,
+        job_id: str | None = None,
+        job_type: str | None = None,
+        retries: int = 0,
+    ) -> DaskJobOptions:
+        """Per-job options: ``pool.options(timeout=30, job_type="backup").submit(fn, x)``.
+
+        ``timeout`` and ``retries`` (re-runs after a crash or a timeout) act in
+        the node's pool, exactly as in a local pool.
+        """
+        return DaskJobOptions(
+            self, timeout=timeout, job_id=job_id, job_type=job_type, retries=retries
+        )
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        job_id: str | None,
+        job_type: str | None,
+        retries: int,
+    ) -> DaskJobFuture[Any]:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        seq = next(self._seq)
+        if job_id is None:
+            job_id = str(seq)
+        else:
+            with self._lock:
+                if job_id in self._given_ids:
+                    raise ValueError(f"job_id {job_id!r} is already in use by an unfinished job")
+                self._given_ids.add(job_id)
+        future: DaskJobFuture[Any] = DaskJobFuture(job_id, job_type)
+        future._terminate = functools.partial(self._request_terminate, seq)
+        job = _Job(seq, future)
+        if timeout is None:
+            timeout = self._job_timeout
+        with self._lock:
+            # Known before Dask may start it, so that its first event finds it.
+            self._jobs[seq] = job
+            self.counters["submitted"] += 1
+        name = re.sub(r"[^A-Za-z0-9_]+", "_", getattr(fn, "__name__", type(fn).__name__))
+        try:
+            dask_future = self._client.submit(
+                run_job,
+                self._plugin_name,
+                self._topic,
+                seq,
+                job_id,
+                job_type,
+                timeout,
+                retries,
+                self._interval,
+                fn,
+                args,
+                kwargs,
+                key=f"poolkit-{name}-{self._plugin_name[-8:]}-{seq}",
+                pure=False,
+            )
+        except Exception as exc:  # unpicklable function or argument: this future only
+            if isinstance(exc, TypeError) and exc.__cause__ is not None:
+                # Dask wraps the pickler's error in "Could not serialize ..."; give the
+                # caller the pickler's own, as the standard library's executor does.
+                exc = exc.__cause__  # type: ignore[assignment]
+            with self._lock:
+                self._jobs.pop(seq, None)
+                self.counters["failed"] += 1
+            future.set_running_or_notify_cancel()
+            future.set_exception(exc)
+            self._release_id(future)
+            return future
+        job.dask_future = dask_future
+        future.add_done_callback(functools.partial(self._caller_done, seq))
+        dask_future.add_done_callback(functools.partial(self._dask_done, seq))
+        return future
+
+    # ------------------------------------------------------------ batch
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``: results in order; chunked from measured durations, as ``Pool.map``."""
+        return _batch.map_ordered(self, fn, iterables, timeout=timeout, chunksize=chunksize)  # type: ignore[arg-type]
+
+    def imap_unordered(
+        self, fn: Callable[[Any], T], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> Iterator[T]:
+        """Results as they complete, reading ``iterable`` lazily with a bounded number in flight."""
+        return _batch.imap_unordered(self, fn, iterable, chunksize=chunksize)  # type: ignore[arg-type]
+
+    def batch(
+        self,
+        fn: Callable[[Any], T],
+        iterable: Iterable[Any],
+        *,
+        retries: int = 0,
+        retry_exceptions: bool = False,
+        timeout: float | None = None,
+        ordered: bool = True,
+        chunksize: int | None = None,
+        max_in_flight: int | None = None,
+    ) -> Iterator[_batch.Outcome[T]]:
+        """Run ``fn`` on every input; yield an :class:`~poolkit.Outcome` per input (see ``Pool.batch``)."""
+        return _batch.run_batch(
+            self,  # type: ignore[arg-type]
+            fn,
+            iterable,
+            retries=retries,
+            retry_exceptions=retry_exceptions,
+            timeout=timeout,
+            ordered=ordered,
+            chunksize=chunksize,
+            max_in_flight=max_in_flight,
+        )
+
+    # ------------------------------------------------------------ asyncio
+
+    async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``await pool.run(fn, *args)``: submit and await the result."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    async def as_completed_async(self, futures: Iterable[Future[T]]) -> AsyncIterator[Future[T]]:
+        """Yield ``futures`` as they complete, inside an event loop."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Queue[Future[T]] = asyncio.Queue()
+        pending = list(futures)
+        for future in pending:
+            future.add_done_callback(lambda f: loop.call_soon_threadsafe(done.put_nowait, f))
+        for _ in range(len(pending)):
+            yield await done.get()
+
+    # ------------------------------------------------------------ stats
+
+    def node_stats(self) -> dict[str, PoolStats]:
+        """Each Dask worker's pool: ``{worker address: PoolStats}`` (one round trip to every node)."""
+        replies: dict[str, PoolStats | None] = self._client.run(_node_stats, self._plugin_name)
+        return {address: stats for address, stats in replies.items() if stats is not None}
+
+    def stats(self) -> PoolStats:
+        """The cluster as one pool.
+
+        ``workers``, ``spawned`` and ``retired`` add up the node pools alive now
+        (a lost Dask worker takes its figures with it; see :meth:`node_stats`).
+        The job counters are the caller's: every job submitted here, and how it
+        ended as the caller saw it (a job lost with its node counts as crashed).
+        """
+        nodes = self.node_stats() if not self._closed else {}
+        retired: dict[str, int] = {}
+        for stats in nodes.values():
+            for reason, count in stats.retired.items():
+                retired[reason] = retired.get(reason, 0) + count
+        with self._lock:
+            futures = [job.future for job in self._jobs.values()]
+            counters = dict(self.counters)
+        running = sum(1 for future in futures if future.running())
+        return PoolStats(
+            workers=tuple(worker for stats in nodes.values() for worker in stats.workers),
+            submitted=counters["submitted"],
+            done=counters["done"],
+            failed=counters["failed"],
+            crashed=counters["crashed"],
+            timed_out=counters["timed_out"],
+            cancelled=counters["cancelled"],
+            spawned=sum(stats.spawned for stats in nodes.values()),
+            pending=sum(1 for future in futures if not future.done()) - running,
+            running=running,
+            retired=retired,
+        )
+
+    # ------------------------------------------------------------ lifecycle
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking jobs; let those submitted finish (or cancel the pending ones), then
+        remove the node pools and, if this pool opened it, close the client.
+
+        ``cancel_futures`` cancels the jobs not started yet; running ones finish.
+        With ``wait=False`` the clean-up happens in a background thread.
+        """
+        with self._lock:
+            self._shutdown = True
+            jobs = list(self._jobs.values())
+        if cancel_futures:
+            for job in jobs:
+                job.future.cancel()
+        if wait:
+            wait_futures([job.future for job in jobs])
+            self._close()
+        else:
+            threading.Thread(
+                target=self._close_after, args=([job.future for job in jobs],), daemon=True
+            ).start()
+
+    def _close_after(self, futures: list[Future[Any]]) -> None:
+        wait_futures(futures)
+        self._close()
+
+    def _close(self, timeout: float = 30.0) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._shutdown = True
+        _live_pools.discard(self)
+        client = self._client if hasattr(self, "_client") else None
+        if client is not None and client.status == "running":
+            try:
+                client.unsubscribe_topic(self._topic)
+            except Exception:
+                log.debug("unsubscribe failed", exc_info=True)
+            try:
+                client.unregister_worker_plugin(self._plugin_name)
+            except Exception:
+                log.debug("could not remove the node pools", exc_info=True)
+        self._inbox.put(("stop",))
+        if threading.current_thread() is not self._delivery:
+            self._delivery.join(timeout)
+        if client is not None and self._owns_client:
+            try:
+                client.close(timeout=timeout)
+            except Exception:
+                log.debug("client close failed", exc_info=True)
+
+    def __enter__(self) -> DaskPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else "running"
+        return f"<poolkit.DaskPool {self._name!r} on {self._client.scheduler.address} {state}>"
+
+    # ------------------------------------------------------------ notices (any thread)
+
+    def _dask_done(self, seq: int, _dask_future: Any) -> None:
+        self._inbox.put(("done", seq))
+
+    def _caller_done(self, seq: int, future: Future[Any]) -> None:
+        self._release_id(future)
+        if future.cancelled():
+            self._inbox.put(("cancel", seq))
+
+    def _request_terminate(self, seq: int, _future: JobFuture[Any]) -> None:
+        self._inbox.put(("terminate", seq))
+
+    def _on_event(self, event: Any) -> None:
+        # Runs on the client's event loop: hand over, never block it.
+        self._inbox.put(("event", event[1]))
+
+    def _release_id(self, future: Future[Any]) -> None:
+        if isinstance(future, JobFuture):
+            with self._lock:
+                self._given_ids.discard(future.job_id)
+
+    # ------------------------------------------------------------ delivery thread
+
+    def _deliver(self) -> None:
+        """The one owner of caller-side futures: events, cancellations and results, in arrival order."""
+        while True:
+            items = [self._inbox.get()]
+            while True:
+                try:
+                    items.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            done: list[int] = []
+            terminate: dict[str, list[str]] = {}
+            cancel: list[Any] = []
+            stop = False
+            for item in items:
+                try:
+                    kind = item[0]
+                    if kind == "event":
+                        self._take_event(item[1], terminate)
+                    elif kind == "done":
+                        done.append(item[1])
+                    elif kind in ("cancel", "terminate"):
+                        self._take_cancel(item[1], cancel, terminate)
+                    elif kind == "stop":
+                        stop = True
+                except Exception:
+                    log.exception("poolkit dask delivery: could not handle %r", item[:2])
+            try:
+                if cancel:
+                    self._client.cancel(cancel)
+                for node, job_ids in terminate.items():
+                    self._client.run(
+                        _terminate_on_node, self._plugin_name, job_ids, workers=[node], wait=False
+                    )
+            except Exception:
+                log.debug("could not cancel or terminate remote jobs", exc_info=True)
+            if done:
+                self._resolve(done)
+            if stop:
+                self._abandon()
+                return
+
+    def _take_event(self, msg: Any, terminate: dict[str, list[str]]) -> None:
+        kind, seq = msg[0], msg[1]
+        with self._lock:
+            job = self._jobs.get(seq)
+        if kind == "s":
+            _, _, job_id, node = msg
+            if job is None:
+                # Forgotten already: Dask cancelled it before its start reached us.
+                terminate.setdefault(node, []).append(job_id)
+                return
+            future = job.future
+            future.node = node
+            if not _mark_running(future):
+                # Cancelled while its start was on the way: stop it over there.
+                terminate.setdefault(node, []).append(job_id)
+        elif kind == "p":
+            _, _, count, data = msg
+            if job is None or job.future.done() or count <= job.progress_seen:
+                return
+            job.progress_seen = count
+            job.future._set_progress(loads(data))
+
+    def _take_cancel(self, seq: int, cancel: list[Any], terminate: dict[str, list[str]]) -> None:
+        """The caller cancelled (or terminated) the job: Dask drops it if it has not
+        started; if it has, its poolkit child on the node is killed."""
+        with self._lock:
+            job = self._jobs.get(seq)
+        if job is None or job.terminate_requested:
+            return
+        job.terminate_requested = True
+        if job.dask_future is not None:
+            cancel.append(job.dask_future)
+        node = job.future.node
+        if node is not None:
+            terminate.setdefault(node, []).append(job.future.job_id)
+
+    def _resolve(self, seqs: list[int]) -> None:
+        with self._lock:
+            jobs = [self._jobs[seq] for seq in seqs if seq in self._jobs]
+        finished = {
+            job.seq: job.dask_future for job in jobs if job.dask_future.status == "finished"
+        }
+        envelopes: dict[int, Any] = {}
+        if finished:
+            try:
+                # One round trip for every result that is ready (errors: looked at below).
+                envelopes = self._client.gather(finished, errors="skip")
+            except Exception as exc:
+                for job in jobs:
+                    if job.seq in finished:
+                        self._end(
+                            job,
+                            DaskJobLost(
+                                f"could not fetch the result of job {job.future.job_id}: {exc!r}"
+                            ),
+                            exc,
+                        )
+                return
+        for job in jobs:
+            try:
+                envelope = envelopes.get(job.seq)
+                if envelope is not None:
+                    self._finish(job, envelope)
+                    continue
+                status = job.dask_future.status
+                if status == "error":
+                    self._end(job, self._dask_error(job, job.dask_future.exception()), None)
+                elif status == "cancelled":
+                    if job.future.cancelled():
+                        self._forget(job, "cancelled")
+                    else:
+                        self._end(
+                            job,
+                            DaskJobLost(
+                                f"Dask cancelled job {job.future.job_id} (client closed, scheduler lost or cluster restarted)",
+                                job_id=job.future.job_id,
+                            ),
+                            None,
+                        )
+                else:
+                    # Its result was lost after it finished: Dask computes it again.
+                    job.dask_future.add_done_callback(functools.partial(self._dask_done, job.seq))
+            except Exception as exc:
+                log.exception("poolkit dask delivery: job %s", job.seq)
+                self._end(
+                    job,
+                    DaskJobLost(f"job {job.future.job_id} could not be delivered: {exc!r}"),
+                    exc,
+                )
+
+    def _dask_error(self, job: _Job, exc: BaseException) -> BaseException:
+        if isinstance(exc, distributed.KilledWorker):
+            lost = DaskJobLost(
+                f"job {job.future.job_id}: {exc} (its Dask worker died more times than the "
+                "scheduler's allowed-failures)",
+                job_id=job.future.job_id,
+            )
+            lost.__cause__ = exc
+            return lost
+        return exc
+
+    def _finish(self, job: _Job, envelope: Envelope) -> None:
+        ok, value, tb, stats, worker_id, pid, node, count, progress = envelope
+        future = job.future
+        future.node = node
+        future.worker_id = worker_id
+        future.pid = pid
+        future._node_stats = stats
+        if count > job.progress_seen and not future.done():
+            job.progress_seen = count
+            future._set_progress(progress)
+        if not ok and tb is not None:
+            value.__cause__ = RemoteTraceback(tb)  # pickling dropped it on the way
+        self._set(job, ok, value)
+
+    def _end(self, job: _Job, exc: BaseException, cause: BaseException | None) -> None:
+        if cause is not None:
+            exc.__cause__ = cause
+        self._set(job, False, exc)
+
+    def _set(self, job: _Job, ok: bool, value: Any) -> None:
+        """Resolve the caller's future, once; each job is counted under one outcome."""
+        future = job.future
+        if job.terminate_requested and isinstance(value, CancelledError):
+            future._force_cancel()  # terminated on the node, as asked
+        if not _mark_running(future):
+            self._forget(job, "cancelled")
+            return
+        try:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        except InvalidStateError:  # terminated by the caller a moment ago
+            self._forget(job, "cancelled")
+            return
+        if ok:
+            self._forget(job, "done")
+        elif isinstance(value, JobTimeout):
+            self._forget(job, "timed_out")
+        elif isinstance(value, WorkerCrashed):
+            self._forget(job, "crashed")
+        else:
+            self._forget(job, "failed")
+
+    def _forget(self, job: _Job, outcome: str) -> None:
+        with self._lock:
+            if self._jobs.pop(job.seq, None) is not None:
+                self.counters[outcome] += 1
+
+    def _abandon(self) -> None:
+        """The pool is closing: no future may stay unresolved."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+            self._jobs.clear()
+        for job in jobs:
+            future = job.future
+            if not future.done() and _mark_running(future):
+                future.set_exception(BrokenPool("the DaskPool was closed before this job finished"))
+
+
+def _mark_running(future: Future[Any]) -> bool:
+    """Move a future to RUNNING unless it is already; False if the caller cancelled it.
+
+    Only the delivery thread calls it, so the checks and the move do not race
+    with one another; a concurrent ``cancel()`` is settled by the future's lock.
+    """
+    if future.cancelled():
+        return False
+    if future.running():
+        return True
+    return future.set_running_or_notify_cancel()
+
+
+class DaskJobOptions:
+    """Per-job options bound to a :class:`DaskPool`; made by :meth:`DaskPool.options`."""
+
+    def __init__(
+        self,
+        pool: DaskPool,
+        *,
+        timeout: float | None,
+        job_id: str | None,
+        job_type: str | None,
+        retries: int,
+    ) -> None:
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if job_id is not None and not isinstance(job_id, str):
+            raise TypeError(f"job_id must be a string, got {job_id!r}")
+        if job_type is not None and not isinstance(job_type, str):
+            raise TypeError(f"job_type must be a string, got {job_type!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        self._pool = pool
+        self.timeout = None if timeout is None else float(timeout)
+        self.job_id = job_id
+        self.job_type = job_type
+        self.retries = retries
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> DaskJobFuture[T]:
+        return self._pool._submit(
+            fn, args, kwargs, self.timeout, self.job_id, self.job_type, self.retries
+        )
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+    ) -> Iterator[T]:
+        """Ordered results, one job per input, each under these options."""
+        futures: list[JobFuture[T]] = [
+            self._pool._submit(fn, args, {}, self.timeout, None, self.job_type, self.retries)
+            for args in zip(*iterables)  # noqa: B905 (stdlib map stops at the shortest)
+        ]
+        return _batch.iterate_in_order(futures, timeout)
