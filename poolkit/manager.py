@@ -67,6 +67,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _MAX_WINDOW = 64
 _TINY_JOB = 0.002  # seconds: jobs shorter than this are worth pipelining
 _START_FAILURES_BEFORE_BROKEN = 3
+_SKIP_GRACE = 0.05  # seconds a worker has to answer SKIPPED for a job terminated while queued
 
 # Worker states
 STARTING = "starting"
@@ -519,6 +520,8 @@ class Manager:
             consider(worker.exit_deadline)
             if worker.inflight and worker.state == READY:
                 head = worker.inflight[0]
+                if head.future.cancelled():
+                    consider(head.started_at + _SKIP_GRACE)
                 if head.timeout is not None:
                     consider(head.started_at + head.timeout)
                 if config.memory_limit_per_child is not None:
@@ -746,8 +749,28 @@ class Manager:
         if n == 0:
             self._worker_eof(worker, now)
             return False
-        self._handle_frames(worker, now)
+        try:
+            self._handle_frames(worker, now)
+        except wire.FrameTooLarge as error:
+            self._result_too_large(worker, error, now)
+            return False
         return True
+
+    def _result_too_large(self, worker: Worker, error: wire.FrameTooLarge, now: float) -> None:
+        """A result the parent cannot hold: fail that job, drop the worker (its stream is lost)."""
+        self._worker_eof(worker, now)
+        if worker.inflight:
+            head = worker.inflight[0]
+            exc = MemoryError(
+                f"the result of job {head.future.job_id} ({error.length / 2**20:.0f} MiB) does "
+                "not fit in the parent's memory"
+            )
+            self.counters["failed"] += 1
+            try:
+                head.future.set_exception(exc)
+            except InvalidStateError:
+                pass
+        self._kill(worker, "crash", signal.SIGKILL, now)
 
     def _drain_worker(self, worker: Worker, now: float) -> None:
         while worker.worker_id in self._workers and not worker.eof:
@@ -826,6 +849,12 @@ class Manager:
             return  # a job we already gave up on (timed out, terminated)
         job = inflight.popleft()
         worker.jobs_done += 1
+        if outcome == wire.OUTCOME_SKIPPED:
+            if inflight:
+                inflight[0].started_at = now
+            else:
+                worker.idle_since = now
+            return  # a terminated job the worker did not start; its future is cancelled
         worker.rss = rss
         worker.cpu += cpu
         ewma = self._ewma
@@ -902,6 +931,11 @@ class Manager:
                 continue
             if worker.inflight:
                 head = worker.inflight[0]
+                if head.future.cancelled() and now >= head.started_at + _SKIP_GRACE:
+                    # Terminated while queued, but the worker started it before the
+                    # CANCEL arrived (no SKIPPED came back): stop it the hard way.
+                    self._kill(worker, "terminated", signal.SIGKILL, now)
+                    continue
                 if head.timeout is not None and now >= head.started_at + head.timeout:
                     self._job_timed_out(worker, head, now)
                     continue
@@ -983,9 +1017,14 @@ class Manager:
             for position, job in enumerate(worker.inflight):
                 if job.future is not future:
                     continue
-                if position == 0 and worker.state != KILLING:
-                    self._kill(worker, "terminated", signal.SIGKILL, now)
-                # A job sent ahead but not started: its result will be discarded.
+                if position == 0:
+                    if worker.state != KILLING:
+                        self._kill(worker, "terminated", signal.SIGKILL, now)
+                else:
+                    # Sent ahead, not started: tell the worker to skip it. If it
+                    # starts anyway (the message crossed), _fire_timers kills it.
+                    worker.outbox.append(wire.frame(wire.Kind.CANCEL, wire.SEQ.pack(job.seq)))
+                    self._flush(worker)
                 return
 
     # ------------------------------------------------------------ dispatch

@@ -279,6 +279,12 @@ class Pool(Executor):
         if wait:
             self._manager.join()
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a poolkit Pool cannot be sent to a worker process; to run jobs from inside a "
+            "job, create a pool in the job (pools nest) or return the work to the caller"
+        )
+
     def __enter__(self) -> Pool:
         return self
 

@@ -13,11 +13,10 @@ to a few ``struct`` calls instead of a pickle of a message object.
 from __future__ import annotations
 
 import enum
-import socket
 import struct
 from collections.abc import Iterator
 
-__all__ = ["HEADER", "FrameReader", "Kind", "frame", "recv_frame_blocking"]
+__all__ = ["HEADER", "FrameReader", "FrameTooLarge", "Kind", "frame"]
 
 HEADER = struct.Struct("<QB")
 
@@ -27,6 +26,7 @@ class Kind(enum.IntEnum):
     CONFIG = 1  # WORKER_HEAD (worker_id, max_jobs or 0) + pickled WorkerConfig
     JOB = 2  # JOB_HEAD + meta pickle + payload pickle
     RETIRE = 3  # empty: finish, run the finalizer, exit 0
+    CANCEL = 4  # <Q seq>: do not start this job (it was terminated while queued); answer SKIPPED
     # worker -> parent
     READY = 10  # <q pid>
     RESULT = 11  # RESULT_HEAD + pickled value or (exception, traceback text)
@@ -49,6 +49,7 @@ JOB_FRAME_HEAD = struct.Struct("<QBQHId")
 RESULT_HEAD = struct.Struct("<QBddqq")
 OUTCOME_VALUE = 1
 OUTCOME_ERROR = 0
+OUTCOME_SKIPPED = 2  # a cancelled job the worker did not start
 WORKER_ID = struct.Struct("<q")
 WORKER_HEAD = struct.Struct("<qq")
 PID = struct.Struct("<q")
@@ -62,6 +63,14 @@ def frame(kind: Kind, *parts: bytes) -> bytes:
     """One frame as bytes: header and the concatenated body ``parts``."""
     body = b"".join(parts)
     return HEADER.pack(len(body), kind) + body
+
+
+class FrameTooLarge(Exception):
+    """A frame announced more bytes than this process can allocate; the stream cannot go on."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__(f"a {length}-byte message does not fit in memory")
+        self.length = length
 
 
 class FrameReader:
@@ -110,7 +119,10 @@ class FrameReader:
             if end > size:
                 if length >= 1 << 20:
                     # Large frame: give it its own buffer and fill it in place.
-                    self._big = bytearray(length)
+                    try:
+                        self._big = bytearray(length)
+                    except MemoryError:
+                        raise FrameTooLarge(length) from None
                     have = size - start
                     self._big[:have] = buffer[start:size]
                     self._big_filled = have
@@ -121,28 +133,3 @@ class FrameReader:
             offset = end
         if offset:
             del buffer[:offset]
-
-
-def recv_frame_blocking(sock: socket.socket, reader: FrameReader) -> Iterator[tuple[int, bytes | bytearray]]:
-    """Block until at least one frame is complete, then yield all complete frames.
-
-    Returns without yielding at end of stream.
-    """
-    while True:
-        got_any = False
-        for item in reader.frames():
-            got_any = True
-            yield item
-        if got_any:
-            return
-        direct = reader.wants_direct()
-        if direct is not None:
-            n = sock.recv_into(direct)
-            if n == 0:
-                return
-            reader.filled_direct(n)
-            continue
-        data = sock.recv(1 << 18)
-        if not data:
-            return
-        reader.feed(data)

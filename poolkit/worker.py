@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from typing import Any
 
 from . import context, wire
@@ -184,12 +185,74 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+class _Inbox:
+    """The frames this worker has received and not handled yet, in order.
+
+    Before each job it also takes, without blocking, whatever else has arrived,
+    so that a CANCEL sent for a job queued behind the running one is seen
+    before that job starts.
+    """
+
+    def __init__(self, channel: _Channel) -> None:
+        self.sock = channel.sock
+        self.reader = channel.reader
+        self.frames: deque[tuple[int, bytes | bytearray]] = deque()
+        self.cancelled: set[int] = set()
+        self.closed = False
+
+    def _take(self) -> None:
+        for kind, body in self.reader.frames():
+            if kind == wire.Kind.CANCEL:
+                self.cancelled.add(wire.SEQ.unpack_from(body)[0])
+            else:
+                self.frames.append((kind, body))
+
+    def _receive(self, block: bool) -> None:
+        while True:
+            direct = self.reader.wants_direct()
+            try:
+                if direct is not None:
+                    n = self.sock.recv_into(direct, 0, 0 if block else socket.MSG_DONTWAIT)
+                    if n:
+                        self.reader.filled_direct(n)
+                else:
+                    data = self.sock.recv(1 << 18, 0 if block else socket.MSG_DONTWAIT)
+                    n = len(data)
+                    if n:
+                        self.reader.feed(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            if n == 0:
+                self.closed = True
+                return
+            self._take()
+            if not block or self.frames:
+                return
+
+    def next(self) -> tuple[int, bytes | bytearray] | None:
+        """The next frame to handle; None at end of stream."""
+        if self.frames:
+            self._receive(block=False)  # catch up on cancels
+        while not self.frames:
+            if self.closed:
+                return None
+            self._receive(block=True)
+        return self.frames.popleft()
+
+
+def _skip_job(channel: _Channel, seq: int) -> None:
+    head = wire.RESULT_HEAD.pack(seq, wire.OUTCOME_SKIPPED, 0.0, 0.0, 0, 0)
+    channel.send(wire.HEADER.pack(len(head), wire.Kind.RESULT) + head)
+
+
 def serve(sock: socket.socket) -> None:
     """Run the worker loop on ``sock`` until told to retire or the pool goes away; never returns."""
     sock.setblocking(True)
     channel = _Channel(sock)
-    frames = wire.recv_frame_blocking(sock, channel.reader)
-    first = next(frames, None)
+    inbox = _Inbox(channel)
+    first = inbox.next()
     if first is None or first[0] != wire.Kind.CONFIG:
         _exit(3)
     assert first is not None
@@ -207,27 +270,32 @@ def serve(sock: socket.socket) -> None:
     limit = config.max_memory_per_child
     jobs_done = 0
     while True:
-        got_frame = False
-        for kind, body in wire.recv_frame_blocking(sock, channel.reader):
-            got_frame = True
-            if kind == wire.Kind.JOB:
+        item = inbox.next()
+        if item is None:  # end of stream: the pool is gone
+            _finalize(config)
+            _exit(0)
+        assert item is not None
+        kind, body = item
+        if kind == wire.Kind.JOB:
+            seq = wire.SEQ.unpack_from(body)[0]
+            if seq in inbox.cancelled:
+                inbox.cancelled.discard(seq)
+                _skip_job(channel, seq)
+            else:
                 _run_job(channel, body, worker_id, memory)
-                jobs_done += 1
-                if jobs_done == max_jobs:
-                    # The pool sends no more than max_jobs and expects this exit;
-                    # leaving now saves it a round trip per recycled worker.
-                    _finalize(config)
-                    _exit(0)
-                if limit is not None and memory.rss() > limit:
-                    # Too big to take another job: leave now; unstarted jobs stay
-                    # unanswered and the pool re-queues them.
-                    channel.send(wire.frame(wire.Kind.RETIRING, wire.PID.pack(memory.rss())))
-                    _finalize(config)
-                    _exit(0)
-            elif kind == wire.Kind.RETIRE:
+            jobs_done += 1
+            if jobs_done == max_jobs:
+                # The pool sends no more than max_jobs and expects this exit;
+                # leaving now saves it a round trip per recycled worker.
                 _finalize(config)
                 _exit(0)
-        if not got_frame:  # end of stream: the pool is gone
+            if limit is not None and memory.rss() > limit:
+                # Too big to take another job: leave now; unstarted jobs stay
+                # unanswered and the pool re-queues them.
+                channel.send(wire.frame(wire.Kind.RETIRING, wire.PID.pack(memory.rss())))
+                _finalize(config)
+                _exit(0)
+        elif kind == wire.Kind.RETIRE:
             _finalize(config)
             _exit(0)
 
