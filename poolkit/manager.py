@@ -332,7 +332,7 @@ class Manager:
                 if main_thread:
                     from .worker import set_parent_death_signal
 
-                    set_parent_death_signal()
+                    set_parent_death_signal(signal.SIGTERM)
                 from .template import serve
 
                 serve(child_end, exec_workers=False, sys_path=list(sys.path))

@@ -46,6 +46,10 @@ def _exit_code(status: int) -> int:
     return 255
 
 
+class _ParentGone(Exception):
+    pass
+
+
 class _Template:
     def __init__(self, control: socket.socket, exec_workers: bool, sys_path: list[str]) -> None:
         self.control = control
@@ -64,9 +68,22 @@ class _Template:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # The pool's process died (parent-death signal, SIGTERM so that it can
+        # be caught): kill every worker's process group, the jobs' children too.
+        signal.signal(signal.SIGTERM, self.on_parent_death)
         self.control.setblocking(True)
         self.selector.register(self.control, selectors.EVENT_READ)
         self.selector.register(self.wake_r, selectors.EVENT_READ)
+        try:
+            self.loop()
+        except _ParentGone:
+            self.kill_all()
+
+    @staticmethod
+    def on_parent_death(signum: int, frame: object) -> None:
+        raise _ParentGone
+
+    def loop(self) -> None:
         while True:
             for key, _ in self.selector.select():
                 if key.fileobj is self.control:
@@ -122,7 +139,7 @@ class _Template:
         code = 70
         try:
             os.setpgid(0, 0)
-            set_parent_death_signal()
+            set_parent_death_signal(signal.SIGKILL)
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -207,7 +224,7 @@ def main() -> None:
     sys_path = json.loads(sys.argv[3])
     preload = json.loads(sys.argv[4])
     sys.path[:] = sys_path
-    set_parent_death_signal()
+    set_parent_death_signal(signal.SIGTERM)
     for module in preload:
         __import__(module)
     serve(socket.socket(fileno=fd), exec_workers=exec_workers, sys_path=sys_path)

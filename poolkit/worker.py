@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
 import socket
 import sys
 import time
@@ -315,12 +314,12 @@ def load_prctl() -> None:
             _prctl = False
 
 
-def set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+def set_parent_death_signal(signum: int) -> None:
+    """Ask Linux to send ``signum`` to this process when its parent dies (no-op elsewhere)."""
     load_prctl()
     if _prctl:
         pr_set_pdeathsig = 1
-        _prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        _prctl(pr_set_pdeathsig, signum, 0, 0, 0)
 
 
 def main(argv: list[str] | None = None) -> None:
