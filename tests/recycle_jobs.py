@@ -176,13 +176,13 @@ def touch(mib: int) -> int:
     return os.getpid()
 
 
-def burn_cpu(seconds: float) -> int:
-    """Spin on the CPU for ``seconds`` of this process's CPU time."""
-    end = time.process_time() + seconds
-    n = 0
+def burn_cpu(seconds: float) -> tuple[float, float]:
+    """Spin for ``seconds`` of this process's CPU time; return (CPU, wall) as the job itself measured them."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    end = cpu0 + seconds
     while time.process_time() < end:
-        n += 1
-    return n
+        pass
+    return time.process_time() - cpu0, time.perf_counter() - wall0
 
 
 # ----------------------------------------------------------------- context jobs
