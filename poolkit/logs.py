@@ -37,9 +37,18 @@ def _render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> 
 
 
 class EventLog:
-    """The logger of one pool: structlog, bound with ``pool=<name>``."""
+    """The logger of one pool: structlog, bound with ``pool=<name>``.
+
+    Levels are always those of the stdlib logger ``"poolkit"``. Where events
+    go depends on the application: if it configured structlog itself
+    (``structlog.configure``, or ``structlog.testing.capture_logs``), they go
+    through its processors like its own events; otherwise through poolkit's
+    own renderer to the stdlib logger, which prints nothing until the
+    application configures logging.
+    """
 
     def __init__(self, pool_name: str) -> None:
+        self._pool_name = pool_name
         self._logger = structlog.wrap_logger(
             _stdlib_logger,
             processors=[structlog.processors.TimeStamper(fmt="iso"), _render],
@@ -50,21 +59,26 @@ class EventLog:
     def enabled(level: int = logging.INFO) -> bool:
         return _stdlib_logger.isEnabledFor(level)
 
+    def _emit(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
+        if not _stdlib_logger.isEnabledFor(level):
+            return
+        if structlog.is_configured():
+            getattr(structlog.get_logger(LOGGER_NAME), method)(event, pool=self._pool_name, **fields)
+        else:
+            getattr(self._logger, method)(event, **fields)
+
     def info(self, event: str, **fields: Any) -> None:
-        if _stdlib_logger.isEnabledFor(logging.INFO):
-            self._logger.info(event, **fields)
+        self._emit(logging.INFO, "info", event, fields)
 
     def warning(self, event: str, **fields: Any) -> None:
-        if _stdlib_logger.isEnabledFor(logging.WARNING):
-            self._logger.warning(event, **fields)
+        self._emit(logging.WARNING, "warning", event, fields)
 
     def debug(self, event: str, **fields: Any) -> None:
-        if _stdlib_logger.isEnabledFor(logging.DEBUG):
-            self._logger.debug(event, **fields)
+        self._emit(logging.DEBUG, "debug", event, fields)
 
     @property
     def bound(self) -> Any:
-        """The structlog logger itself (for tests and advanced use)."""
+        """poolkit's own structlog logger (used when the application has not configured structlog)."""
         return self._logger
 
 
