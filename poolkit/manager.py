@@ -784,8 +784,19 @@ class Manager:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
         worker.outbox.clear()
+        if worker.state != KILLING:
+            # End of stream means the process is dying (or closed its socket, which
+            # makes it useless). Act now rather than when the exit status comes:
+            # re-queue the jobs it had not started and let a replacement start.
+            # The job it was running fails when the exit status arrives, with it.
+            worker.state = KILLING
+            if worker.inflight:
+                head = worker.inflight.popleft()
+                self._requeue(worker)
+                worker.inflight.appendleft(head)
+            if worker.pid is not None:
+                self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL)))
         if worker.exit_deadline is None:
-            # It closed its socket; if it does not exit by itself soon, kill it.
             worker.exit_deadline = now + self.config.kill_grace
 
     def _handle_frames(self, worker: Worker, now: float) -> None:

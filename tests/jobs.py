@@ -368,3 +368,15 @@ def square_or_raise(x: int) -> int:
     if x == 4:
         raise ValueError(f"{x} is unlucky")
     return x * x
+
+
+def sleep_then_write(seconds: float, path: str, text: str) -> str:
+    """A job that takes a while, then leaves a file: proof that it ran to the end."""
+    time.sleep(seconds)
+    write_line(path, text)
+    return text
+
+
+def spawn_grandchild_then_crash(pid_path: str) -> None:
+    spawn_grandchild(pid_path)
+    os._exit(11)
