@@ -465,12 +465,23 @@ class Manager:
                         request.done.set()
                     self._stats_requests.clear()
         except BaseException as exc:  # a bug here must not leave futures hanging
-            self._break(BrokenPool(f"poolkit's manager thread failed: {exc!r}"))
+            error = BrokenPool(f"poolkit's manager thread failed: {exc!r}")
+            self._break(error)
             self._kill_everything()
+            self._fail_inbox(error)
             raise
         finally:
             self._final_stats = self._snapshot()
             self._close_fds()
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        while self._inbox:
+            command, arg = self._inbox.popleft()
+            if command == "job":
+                self._fail(arg, error)
+            elif command == "stats":
+                arg.result = self._snapshot()
+                arg.done.set()
 
     def _drain_wake(self) -> None:
         # Empty the pipe first, then clear the flag: a submitter that still saw
@@ -498,14 +509,15 @@ class Manager:
                 self._terminate(arg, now)
             elif command == "shutdown":
                 self._closing = True
-                if arg:  # cancel_futures
-                    while self._pending:
-                        job = self._pending.popleft()
+                if arg:  # cancel_futures: the jobs not started; re-queued ones still run
+                    keep: deque[Job] = deque()
+                    for job in self._pending:
                         if job.future.cancel():
                             self.counters["cancelled"] += 1
                             job.future.set_running_or_notify_cancel()
                         elif not job.future.done():
-                            self._fail(job, BrokenPool("the pool shut down"))
+                            keep.append(job)
+                    self._pending = keep
 
     def _next_timeout(self, now: float) -> float | None:
         soonest: float | None = None

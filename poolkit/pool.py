@@ -188,7 +188,13 @@ class Pool(Executor):
         meta = b"" if job_id is None and job_type is None else dumps((future.job_id, job_type))
         if timeout is None:
             timeout = self._config.job_timeout
-        manager.submit(Job(seq, future, payload, meta, timeout, retries))
+        job = Job(seq, future, payload, meta, timeout, retries)
+        # Under the shutdown lock: a job is either queued before the manager
+        # hears of the shutdown (and runs), or refused here; never lost between.
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            manager.submit(job)
         return future
 
     def _release_id(self, future: Future[Any]) -> None:

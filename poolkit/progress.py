@@ -195,6 +195,13 @@ class _CountsColumn(ProgressColumn):
         return text
 
 
+def _is_terminal(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class RichRunDisplay(RunDisplay):
     """A rich progress bar on a terminal: percentage, done/total, jobs/s, ETA, failures, recycles."""
 
@@ -212,6 +219,10 @@ class RichRunDisplay(RunDisplay):
             _CountsColumn(tally),
             console=console,
             refresh_per_second=8,
+            # Print stdout above the bar only when it shares the terminal; a piped
+            # stdout carries the JSON lines and must get every byte untouched.
+            redirect_stdout=_is_terminal(sys.stdout),
+            redirect_stderr=False,
         )
         self.task = self.progress.add_task("run", total=tally.total)
 
