@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  round trip, DaskPool              {us['daskpool_latency']:>9,.0f} us")
     print(f"ratio DaskPool / local Pool (submit):    {summary['ratio_daskpool_to_local']:.1f}x")
     print(f"ratio DaskPool / plain Dask (submit):    {summary['ratio_daskpool_to_dask']:.2f}x")
-    print(f"ratio DaskPool / local Pool (latency):   {summary['ratio_latency_daskpool_to_local']:.1f}x")
+    print(
+        f"ratio DaskPool / local Pool (latency):   {summary['ratio_latency_daskpool_to_local']:.1f}x"
+    )
     print(f"ratio DaskPool.map / local Pool submit:  {summary['ratio_map_daskpool_to_local']:.2f}x")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -153,9 +153,16 @@ class _OrderedFeeder:
         self.in_flight = 0
         self.chunks: list[tuple[Future[list[Any]], int]] = []
         self.stopped = False
+        self.error: BaseException | None = None
         self.cond = threading.Condition(threading.RLock())
 
-    def pump(self) -> None:
+    def pump(self, *, first: bool = False) -> None:
+        """Submit chunks up to the in-flight bound.
+
+        The first call (in the caller's thread) lets a refusal (pool shut down,
+        broken) reach the caller, as ``Executor.map`` does; later calls run in
+        completion callbacks, where a refusal just stops the feed.
+        """
         with self.cond:
             while not self.stopped and self.in_flight < self.max_in_flight:
                 if self.position >= len(self.items):
@@ -165,9 +172,21 @@ class _OrderedFeeder:
                 chunk = self.items[self.position : self.position + size]
                 self.position += len(chunk)
                 try:
-                    future = self.pool.submit(self.runner, self.fn, chunk)
-                except RuntimeError:
-                    self.stopped = True  # the pool shut down under us
+                    future = self.pool._submit(
+                        self.runner,
+                        (self.fn, chunk),
+                        {},
+                        None,
+                        None,
+                        None,
+                        0,
+                        accepted_before_shutdown=not first,
+                    )
+                except (RuntimeError, BrokenExecutor) as error:
+                    self.stopped = True  # the pool shut down or broke under us
+                    self.error = error
+                    if first:
+                        raise
                     break
                 self.in_flight += 1
                 self.chunks.append((future, len(chunk)))
@@ -230,7 +249,7 @@ def map_ordered(
         items = list(zip(*iterables, strict=False))
         runner = _call_chunk
     feeder = _OrderedFeeder(pool, fn, items, chunksize, runner)
-    feeder.pump()
+    feeder.pump(first=True)
     if not items:
         return iter(())
     return _map_results(feeder, deadline, len(items))
@@ -243,7 +262,10 @@ def _map_results(feeder: _OrderedFeeder, deadline: float | None, total: int) -> 
         while seen < total:
             entry = feeder.chunk(index, deadline)
             if entry is None:
-                break
+                # The feed stopped before every input was sent: say so, never end quietly short.
+                if feeder.error is not None:
+                    raise feeder.error
+                raise CancelledError(f"map stopped after {seen} of {total} inputs")
             future, count = entry
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             results = future.result(remaining)

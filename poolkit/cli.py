@@ -22,6 +22,7 @@ stdin) are still interrupted at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import json
@@ -469,6 +470,10 @@ class _Interrupts:
 # ----------------------------------------------------------------- input and output
 
 
+class _OutputFailed(Exception):
+    """The output went bad mid-run (disk full, a closed pipe): nothing more can be written."""
+
+
 class _Output:
     """One JSON line per record, flushed each time so that an interrupted run keeps its results."""
 
@@ -491,12 +496,28 @@ class _Output:
 
     def write_line(self, line: str) -> None:
         stream = self.stream
-        stream.write(line + "\n")
-        stream.flush()
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except OSError as exc:
+            self._broken(exc)
+
+    def _broken(self, exc: OSError) -> NoReturn:
+        where = "stdout" if self._file is None else repr(self.path)
+        if self._file is None:
+            # Nobody reads stdout any more (`| head`): stop Python's exit-time flush from complaining.
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+        raise _OutputFailed(f"cannot write to {where}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:
+                sys.stderr.write(f"poolkit: closing {self.path!r} failed: {exc.strerror or exc}\n")
 
 
 def _count_lines(stream: BinaryIO) -> int | None:
@@ -771,10 +792,10 @@ def _run(
     failure: BaseException | None = None
     started = time.monotonic()
     interrupts.install()
-    display.start()
-    poller.start()
     try:
         try:
+            display.start()
+            poller.start()
             outcomes = run_batch(
                 cast(Pool, tracker),
                 fn,
@@ -794,17 +815,20 @@ def _run(
                 state.finish()
         except _Interrupted as exc:
             stopped_by = exc.signum
-        except OSError as exc:  # the output could not be written (disk full, closed pipe)
-            failure = exc
-        except Exception as exc:  # the pool broke: still stop cleanly and say what did not run
+        except Exception as exc:  # output unwritable, input unreadable, pool broken: stop cleanly
             failure = exc
         finally:
             interrupts.stopping = True  # a second Ctrl-C during the cleanup is ignored
         if stopped_by is not None or failure is not None:
             tracker.stop_all()
             pool.shutdown(wait=True, cancel_futures=True)
-            if not isinstance(failure, OSError):
-                note = state.write_not_run(stream, input_is_file)
+            if not isinstance(failure, _OutputFailed):
+                try:
+                    note = state.write_not_run(stream, input_is_file)
+                except _OutputFailed as exc:
+                    failure = exc
+                except OSError as exc:  # the input went bad as well: what was written stands
+                    note = f"could not read the rest of the input: {exc}"
                 if note:
                     display.message(f"poolkit: {note}")
         else:
@@ -823,7 +847,9 @@ def _run(
             f"poolkit: interrupted by {name}; workers stopped; {state.not_run} inputs did not run "
             f"(status \"not_run\" in the output)\n"
         )
-    if failure is not None:
+    if isinstance(failure, _OutputFailed):
+        sys.stderr.write(f"poolkit: the run stopped: {failure}\n")
+    elif failure is not None:
         sys.stderr.write(f"poolkit: the run stopped: {type(failure).__name__}: {failure}\n")
     if not args.quiet:
         _print_run_summary(args, state, tally, final, wall, console, rich_table=isinstance(display, RichRunDisplay))

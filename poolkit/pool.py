@@ -156,11 +156,15 @@ class Pool(Executor):
         job_id: str | None,
         job_type: str | None,
         retries: int,
+        accepted_before_shutdown: bool = False,
     ) -> JobFuture[Any]:
+        """Queue one job. ``accepted_before_shutdown``: the rest of a ``map`` call
+        that began before ``shutdown()``, which must still run, as it would have
+        if every chunk had been submitted at once."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         manager = self._manager
-        if self._shutdown:
+        if self._shutdown and not accepted_before_shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if manager.owner_pid != os.getpid():
             raise RuntimeError(
@@ -192,7 +196,7 @@ class Pool(Executor):
         # Under the shutdown lock: a job is either queued before the manager
         # hears of the shutdown (and runs), or refused here; never lost between.
         with self._shutdown_lock:
-            if self._shutdown:
+            if self._shutdown and not accepted_before_shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             manager.submit(job)
         return future
