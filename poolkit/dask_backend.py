@@ -52,7 +52,6 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
-from concurrent.futures import wait as wait_futures
 from typing import Any, TypeVar
 
 import distributed
@@ -489,6 +488,9 @@ class DaskPool(Executor):
         self._jobs: dict[int, _Job] = {}
         self._given_ids: set[str] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when the last job is forgotten
+        # The node pools' last figures, for stats() after shutdown.
+        self._final_nodes: dict[str, PoolStats] = {}
         self._shutdown = False
         self._closed = False
         self._close_lock = threading.Lock()
@@ -569,11 +571,16 @@ class DaskPool(Executor):
         job_id: str | None,
         job_type: str | None,
         retries: int,
+        accepted_before_shutdown: bool = False,
     ) -> DaskJobFuture[Any]:
+        """Submit one job (the signature of ``Pool._submit``, which ``poolkit.batch`` calls).
+
+        ``accepted_before_shutdown``: the rest of a ``map`` that began before
+        ``shutdown()``; it still runs, and ``shutdown(wait=True)`` waits for it.
+        """
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        self._check_open(accepted_before_shutdown)
         seq = next(self._seq)
         if job_id is None:
             job_id = str(seq)
@@ -588,6 +595,9 @@ class DaskPool(Executor):
         if timeout is None:
             timeout = self._job_timeout
         with self._lock:
+            if self._closed or (self._shutdown and not accepted_before_shutdown):
+                self._given_ids.discard(job_id)
+                raise RuntimeError("cannot schedule new futures after shutdown")
             # Known before Dask may start it, so that its first event finds it.
             self._jobs[seq] = job
             self.counters["submitted"] += 1
@@ -617,6 +627,8 @@ class DaskPool(Executor):
             with self._lock:
                 self._jobs.pop(seq, None)
                 self.counters["failed"] += 1
+                if not self._jobs:
+                    self._idle.notify_all()
             future.set_running_or_notify_cancel()
             future.set_exception(exc)
             self._release_id(future)
@@ -625,6 +637,10 @@ class DaskPool(Executor):
         future.add_done_callback(functools.partial(self._caller_done, seq))
         dask_future.add_done_callback(functools.partial(self._dask_done, seq))
         return future
+
+    def _check_open(self, accepted_before_shutdown: bool) -> None:
+        if self._closed or (self._shutdown and not accepted_before_shutdown):
+            raise RuntimeError("cannot schedule new futures after shutdown")
 
     # ------------------------------------------------------------ batch
 
@@ -700,7 +716,7 @@ class DaskPool(Executor):
         The job counters are the caller's: every job submitted here, and how it
         ended as the caller saw it (a job lost with its node counts as crashed).
         """
-        nodes = self.node_stats() if not self._closed else {}
+        nodes = self._final_nodes if self._closed else self.node_stats()
         retired: dict[str, int] = {}
         for stats in nodes.values():
             for reason, count in stats.retired.items():
@@ -739,15 +755,16 @@ class DaskPool(Executor):
             for job in jobs:
                 job.future.cancel()
         if wait:
-            wait_futures([job.future for job in jobs])
-            self._close()
+            self._close_when_idle()
         else:
-            threading.Thread(
-                target=self._close_after, args=([job.future for job in jobs],), daemon=True
-            ).start()
+            threading.Thread(target=self._close_when_idle, daemon=True).start()
 
-    def _close_after(self, futures: list[Future[Any]]) -> None:
-        wait_futures(futures)
+    def _close_when_idle(self) -> None:
+        # Wait until every job is forgotten, not just done: a map that began
+        # before shutdown() adds its next chunk in the done callback of the last.
+        with self._idle:
+            while self._jobs:
+                self._idle.wait()
         self._close()
 
     def _close(self, timeout: float = 30.0) -> None:
@@ -763,6 +780,10 @@ class DaskPool(Executor):
                 client.unsubscribe_topic(self._topic)
             except Exception:
                 log.debug("unsubscribe failed", exc_info=True)
+            try:
+                self._final_nodes = self.node_stats()
+            except Exception:
+                log.debug("could not read the node pools' last figures", exc_info=True)
             try:
                 client.unregister_worker_plugin(self._plugin_name)
             except Exception:
@@ -1000,12 +1021,15 @@ class DaskPool(Executor):
         with self._lock:
             if self._jobs.pop(job.seq, None) is not None:
                 self.counters[outcome] += 1
+            if not self._jobs:
+                self._idle.notify_all()
 
     def _abandon(self) -> None:
         """The pool is closing: no future may stay unresolved."""
         with self._lock:
             jobs = list(self._jobs.values())
             self._jobs.clear()
+            self._idle.notify_all()
         for job in jobs:
             future = job.future
             if not future.done() and _mark_running(future):

@@ -532,6 +532,14 @@ def test_shutdown_removes_the_node_pools_and_closes_its_own_client(
         pool.submit(square, 1)
 
 
+def test_shutdown_lets_a_map_that_began_before_it_finish(client: Any) -> None:
+    pool = DaskPool(client, preload=PRELOAD, name="late-map")
+    results = pool.map(square, range(60))  # chunks go out as earlier ones complete
+    pool.shutdown(wait=True)
+    assert list(results) == [i * i for i in range(60)]
+    assert pool.stats().done == pool.stats().submitted
+
+
 # ----------------------------------------------------------------- a Dask worker dies (last)
 
 
