@@ -39,7 +39,6 @@ T = TypeVar("T")
 
 TARGET_CHUNK_SECONDS = 0.01
 MAX_CHUNK = 50_000
-PROBE_CHUNK = 8
 
 
 # ----------------------------------------------------------------- in workers
@@ -101,8 +100,9 @@ class Chunker:
             return self.fixed
         per_item = self.per_item
         if per_item is None:
-            # Probe: small chunks until the first ones come back and say how long an input takes.
-            return PROBE_CHUNK if self.total is None or self.total >= PROBE_CHUNK * self.workers * 8 else 1
+            # Probe: one input per job until the first ones come back and say
+            # how long an input takes (slow inputs must never queue up in one chunk).
+            return 1
         size = int(TARGET_CHUNK_SECONDS / max(per_item, 1e-7))
         if self.total is not None:
             # Keep at least four chunks per worker so the last ones balance.

@@ -94,6 +94,19 @@ class _Channel:
         self.flush_progress(block=True)
         self.sock.sendall(data)
 
+    def send_parts(self, head: bytes, body: bytes) -> None:
+        """Send head and body as one frame without joining them (a large result is not copied)."""
+        self.flush_progress(block=True)
+        if len(body) < 65536:
+            self.sock.sendall(head + body)
+            return
+        sent = self.sock.sendmsg([head, body])
+        if sent < len(head):
+            self.sock.sendall(head[sent:])
+            sent = len(head)
+        if sent < len(head) + len(body):
+            self.sock.sendall(memoryview(body)[sent - len(head) :])
+
     def progress(self, seq: int, value: Any) -> None:
         data = wire.frame(wire.Kind.PROGRESS, wire.SEQ.pack(seq), dumps(value))
         self._pending_progress = data
@@ -162,7 +175,7 @@ def _run_job(
         memory.peak(),
         memory.rss(),
     )
-    channel.send(wire.HEADER.pack(len(head) + len(data), wire.Kind.RESULT) + head + data)
+    channel.send_parts(wire.HEADER.pack(len(head) + len(data), wire.Kind.RESULT) + head, data)
 
 
 def _finalize(config: WorkerConfig) -> None:
