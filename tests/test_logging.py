@@ -128,7 +128,19 @@ def test_debug_adds_per_job_events(caplog: pytest.LogCaptureFixture) -> None:
     assert all(f["pid"] == futures[0].stats.pid for f in done)
 
 
-def test_structlog_capture_logs_sees_poolkit_events() -> None:
+@pytest.fixture
+def structlog_restored() -> Any:
+    """Put structlog back to its pristine, unconfigured state after the test.
+
+    ``capture_logs`` leaves ``structlog.is_configured()`` True after it exits;
+    without this, later tests in this process would see poolkit's events
+    printed by structlog's default logger instead of reaching ``"poolkit"``.
+    """
+    yield
+    structlog.reset_defaults()
+
+
+def test_structlog_capture_logs_sees_poolkit_events(structlog_restored: Any) -> None:
     """structlog's own testing helper is how structlog users check logs."""
     previous = logging.getLogger("poolkit").level
     logging.getLogger("poolkit").setLevel(logging.INFO)
@@ -139,8 +151,25 @@ def test_structlog_capture_logs_sees_poolkit_events() -> None:
         logging.getLogger("poolkit").setLevel(previous)
     names = [entry.get("event") for entry in captured]
     assert "worker.spawned" in names, captured
+    assert "worker.retired" in names
     assert "pool.shutdown" in names
     assert all(entry.get("pool") == "cap" for entry in captured)
+    [spawned] = [e for e in captured if e["event"] == "worker.spawned"]
+    assert isinstance(spawned["pid"], int) and spawned["worker_id"] == 1
+    assert spawned["log_level"] == "info"
+
+
+def test_events_reach_the_poolkit_logger_again_after_capture_logs(
+    caplog: pytest.LogCaptureFixture, structlog_restored: Any
+) -> None:
+    """A test suite that used capture_logs once must still see poolkit's events through logging."""
+    with structlog.testing.capture_logs():
+        pass
+    caplog.set_level(logging.INFO, logger="poolkit")
+    with poolkit.Pool(1, name="after") as pool:
+        pool.submit(jobs.pid_of).result(timeout=30)
+    names = [event for event, _, _ in _events(caplog)]
+    assert "worker.spawned" in names and "pool.shutdown" in names, names
 
 
 QUIET = textwrap.dedent(
