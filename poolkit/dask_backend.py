@@ -376,9 +376,10 @@ _live_pools: weakref.WeakSet[DaskPool] = weakref.WeakSet()
 
 def _shutdown_all_at_exit() -> None:
     # Leave no node pools registered on a long-lived cluster when the caller exits.
+    # No waiting and no cancelling here: removing the plugin stops the nodes' jobs,
+    # and the delivery thread fails whatever is left with BrokenPool.
     for pool in list(_live_pools):
         try:
-            pool.shutdown(wait=False, cancel_futures=True)
             pool._close(timeout=5)
         except Exception:
             pass

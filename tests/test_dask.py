@@ -10,6 +10,7 @@ kills a Dask worker runs last, since the nanny replaces that worker.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import ctypes
 import operator
@@ -232,6 +233,16 @@ def test_map_and_options_map_keep_order(pool: DaskPool) -> None:
         16,
     ]
     assert sorted(pool.imap_unordered(square, range(10))) == sorted(i * i for i in range(10))
+
+
+def test_asyncio_run_and_as_completed_async(pool: DaskPool) -> None:
+    async def main() -> tuple[int, list[int]]:
+        one = await pool.run(square, 9)
+        futures = [pool.submit(square, i) for i in range(4)]
+        done = [f.result() async for f in pool.as_completed_async(futures)]
+        return one, sorted(done)
+
+    assert asyncio.run(asyncio.wait_for(main(), WAIT)) == (81, [0, 1, 4, 9])
 
 
 def test_dask_futures_as_arguments_become_values(pool: DaskPool) -> None:
