@@ -8,6 +8,7 @@ and files written by finalizers.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 from pathlib import Path
@@ -198,7 +199,11 @@ def test_idle_timeout_never_goes_below_min_workers() -> None:
 # ----------------------------------------------------------------- graceful retirement
 
 
-def test_retirement_runs_the_finalizer_in_every_worker(tmp_path: Path, leak_check: object) -> None:
+def test_retirement_runs_the_finalizer_in_every_worker(
+    tmp_path: Path, leak_check: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retiring is graceful: finalizer, then exit code 0 (a non-zero exit would log worker.crashed)."""
+    caplog.set_level(logging.INFO, logger="poolkit")
     with poolkit.Pool(
         2,
         max_tasks_per_child=2,
@@ -221,6 +226,9 @@ def test_retirement_runs_the_finalizer_in_every_worker(tmp_path: Path, leak_chec
     final = pool.stats()
     assert "crash" not in final.retired
     assert final.crashed == 0 and final.failed == 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "poolkit"]
+    assert not [m for m in messages if m.startswith("worker.crashed")], messages
+    assert sum(m.startswith("worker.retired") for m in messages) == final.spawned
 
 
 def test_replacement_starts_before_the_old_worker_is_gone() -> None:
