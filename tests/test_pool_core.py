@@ -339,3 +339,31 @@ def test_each_start_method_runs_jobs(start_method: str, leak_check) -> None:
         pids = {p for _, p in outcomes}
         assert os.getpid() not in pids
         assert pids <= {w.pid for w in pool.stats().workers}
+
+
+# ----------------------------------------------------------------- scheduling
+
+
+@pytest.mark.parametrize("warm_up", [False, True], ids=["fresh", "after-tiny-jobs"])
+def test_a_job_never_waits_behind_a_long_one_while_a_worker_is_idle(
+    tmp_path: Path, warm_up: bool
+) -> None:
+    """A worker that is busy must not be handed a second job while another worker sits idle."""
+    go = tmp_path / "go"
+    started = tmp_path / "started"
+    with poolkit.Pool(2) as pool:
+        if warm_up:  # the pool now believes jobs are tiny and pipelines deeply
+            assert list(pool.map(jobs.square, range(200), chunksize=1)) == [
+                i * i for i in range(200)
+            ]
+        wait_for_pool_size(pool)
+        busy = pool.submit(jobs.started_then_wait, str(started), str(go), "long")
+        wait_for_pid_file(started)
+        try:
+            quick = [pool.submit(jobs.value_and_pid, i) for i in range(3)]
+            # Each of these must run on the idle worker now, not after the long job.
+            assert [f.result(timeout=10)[0] for f in quick] == [0, 1, 2]
+            assert all(f.worker_id != busy.worker_id for f in quick)
+        finally:
+            go.touch()
+        assert busy.result(timeout=30) == "long"
