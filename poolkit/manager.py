@@ -153,6 +153,7 @@ class Worker:
         "sock",
         "state",
         "wants_write",
+        "was_ready",
         "worker_id",
     )
 
@@ -173,6 +174,7 @@ class Worker:
         self.idle_since = now
         self.retire_reason: str | None = None
         self.retiring = False
+        self.was_ready = False
         self.retire_sent = False
         self.kill_reason: str | None = None
         self.exit_deadline: float | None = None
@@ -671,6 +673,9 @@ class Manager:
         jobs = worker.inflight
         worker.inflight = deque()
         for job in reversed(jobs):
+            if self._broken is not None:
+                self._fail(job, self._broken)
+                continue
             job.future.worker_id = None
             job.future.pid = None
             self._pending.appendleft(job)
@@ -684,9 +689,9 @@ class Manager:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
         worker.sock.close()
-        if worker.state == STARTING:
-            self._start_failed(worker, exitcode)
+        if not worker.was_ready:
             self._requeue(worker)  # it died before READY: its jobs never started
+            self._start_failed(worker, exitcode)
         elif worker.self_retired:
             self._requeue(worker)  # it said it was leaving after its last answer
         elif worker.inflight:
@@ -707,8 +712,8 @@ class Manager:
             )
 
     def _start_failed(self, worker: Worker, exitcode: int) -> None:
-        if self._broken is not None or worker.state != STARTING:
-            return
+        if self._broken is not None or worker.kill_reason is not None:
+            return  # a worker we killed ourselves while it started is no evidence
         self._start_failures += 1
         if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
             self._break(
@@ -810,7 +815,12 @@ class Manager:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
         worker.outbox.clear()
-        if worker.state != KILLING:
+        if not worker.was_ready:
+            # Died while starting: wait for its exit status before replacing it,
+            # so that a failing initializer is counted before another fork.
+            if worker.pid is not None:
+                self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL)))
+        elif worker.state != KILLING:
             # End of stream means the process is dying (or closed its socket, which
             # makes it useless). Act now rather than when the exit status comes:
             # re-queue the jobs it had not started and let a replacement start.
@@ -844,6 +854,7 @@ class Manager:
                 worker.pid = pid
                 if worker.state == STARTING:
                     worker.state = READY
+                    worker.was_ready = True
                     worker.idle_since = now
                     self._start_failures = 0
                     if worker.inflight:  # a job sent ahead starts now

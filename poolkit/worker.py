@@ -23,6 +23,7 @@ import os
 import resource
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -83,36 +84,44 @@ class _Memory:
 
 
 class _Channel:
-    """The worker's end of its socket: blocking sends for results, non-blocking ones for progress."""
+    """The worker's end of its socket: blocking sends for results, non-blocking ones for progress.
+
+    One lock orders every send: a thread the job started may report progress
+    while the worker sends a result, and two frames must never interleave.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reader = wire.FrameReader()
         self._pending_progress: bytes | None = None
+        self._lock = threading.Lock()
 
     def send(self, data: bytes) -> None:
-        self.flush_progress(block=True)
-        self.sock.sendall(data)
+        with self._lock:
+            self._flush_progress(block=True)
+            self.sock.sendall(data)
 
     def send_parts(self, head: bytes, body: bytes) -> None:
         """Send head and body as one frame without joining them (a large result is not copied)."""
-        self.flush_progress(block=True)
-        if len(body) < 65536:
-            self.sock.sendall(head + body)
-            return
-        sent = self.sock.sendmsg([head, body])
-        if sent < len(head):
-            self.sock.sendall(head[sent:])
-            sent = len(head)
-        if sent < len(head) + len(body):
-            self.sock.sendall(memoryview(body)[sent - len(head) :])
+        with self._lock:
+            self._flush_progress(block=True)
+            if len(body) < 65536:
+                self.sock.sendall(head + body)
+                return
+            sent = self.sock.sendmsg([head, body])
+            if sent < len(head):
+                self.sock.sendall(head[sent:])
+                sent = len(head)
+            if sent < len(head) + len(body):
+                self.sock.sendall(memoryview(body)[sent - len(head) :])
 
     def progress(self, seq: int, value: Any) -> None:
         data = wire.frame(wire.Kind.PROGRESS, wire.SEQ.pack(seq), dumps(value))
-        self._pending_progress = data
-        self.flush_progress(block=False)
+        with self._lock:
+            self._pending_progress = data
+            self._flush_progress(block=False)
 
-    def flush_progress(self, *, block: bool) -> None:
+    def _flush_progress(self, *, block: bool) -> None:
         data = self._pending_progress
         if data is None:
             return
