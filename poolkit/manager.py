@@ -68,7 +68,8 @@ _MAX_WINDOW = 64
 _TINY_JOB = 0.002  # seconds: jobs shorter than this are worth pipelining
 _START_FAILURES_BEFORE_BROKEN = 3
 _SOCKET_BUFFER = 4 << 20
-_SKIP_GRACE = 0.05  # seconds a worker has to answer SKIPPED for a job terminated while queued
+_SKIP_GRACE = 0.05
+_PROGRESS_BUDGET = 0.005  # seconds of progress callbacks per batch before stale values are dropped  # seconds a worker has to answer SKIPPED for a job terminated while queued
 
 # Worker states
 STARTING = "starting"
@@ -836,11 +837,28 @@ class Manager:
             worker.exit_deadline = now + self.config.kill_grace
 
     def _handle_frames(self, worker: Worker, now: float) -> None:
-        for kind, body in worker.reader.frames():
+        frames = list(worker.reader.frames())
+        # Progress is "the latest value". Every value is delivered while the
+        # progress callbacks keep up; once they have taken more than
+        # _PROGRESS_BUDGET of this batch, only the last value per job is, so a
+        # slow callback never holds results back behind a flood of stale values.
+        last_progress: dict[int, int] = {}
+        for index, (kind, body) in enumerate(frames):
+            if kind == wire.Kind.PROGRESS:
+                last_progress[wire.SEQ.unpack_from(body)[0]] = index
+        progress_started: float | None = None
+        for index, (kind, body) in enumerate(frames):
             if kind == wire.Kind.RESULT:
                 self._on_result(worker, body, now)
             elif kind == wire.Kind.PROGRESS:
                 (seq,) = wire.SEQ.unpack_from(body)
+                if progress_started is None:
+                    progress_started = time.perf_counter()
+                elif (
+                    last_progress[seq] != index
+                    and time.perf_counter() - progress_started > _PROGRESS_BUDGET
+                ):
+                    continue
                 for job in worker.inflight:
                     if job.seq == seq:
                         try:
