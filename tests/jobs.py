@@ -380,3 +380,11 @@ def sleep_then_write(seconds: float, path: str, text: str) -> str:
 def spawn_grandchild_then_crash(pid_path: str) -> None:
     spawn_grandchild(pid_path)
     os._exit(11)
+
+
+def poolkit_env() -> dict[str, str | None]:
+    """The per-job variables a job (and the programs it starts) see."""
+    return {
+        name: os.environ.get(name)
+        for name in ("POOLKIT_JOB_ID", "POOLKIT_JOB_TYPE", "POOLKIT_WORKER_ID")
+    }
