@@ -17,8 +17,6 @@ import sys
 from collections.abc import MutableMapping
 from typing import IO, Any
 
-import structlog
-
 __all__ = ["LOGGER_NAME", "EventLog", "log_to_json"]
 
 LOGGER_NAME = "poolkit"
@@ -49,11 +47,18 @@ class EventLog:
 
     def __init__(self, pool_name: str) -> None:
         self._pool_name = pool_name
-        self._logger = structlog.wrap_logger(
-            _stdlib_logger,
-            processors=[structlog.processors.TimeStamper(fmt="iso"), _render],
-            wrapper_class=structlog.stdlib.BoundLogger,
-        ).bind(pool=pool_name)
+        self._logger: Any = None  # built on the first event: importing structlog costs ~50 ms
+
+    def _own_logger(self) -> Any:
+        if self._logger is None:
+            import structlog
+
+            self._logger = structlog.wrap_logger(
+                _stdlib_logger,
+                processors=[structlog.processors.TimeStamper(fmt="iso"), _render],
+                wrapper_class=structlog.stdlib.BoundLogger,
+            ).bind(pool=self._pool_name)
+        return self._logger
 
     @staticmethod
     def enabled(level: int = logging.INFO) -> bool:
@@ -62,10 +67,12 @@ class EventLog:
     def _emit(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
         if not _stdlib_logger.isEnabledFor(level):
             return
+        import structlog
+
         if structlog.is_configured():
             getattr(structlog.get_logger(LOGGER_NAME), method)(event, pool=self._pool_name, **fields)
         else:
-            getattr(self._logger, method)(event, **fields)
+            getattr(self._own_logger(), method)(event, **fields)
 
     def info(self, event: str, **fields: Any) -> None:
         self._emit(logging.INFO, "info", event, fields)
@@ -79,7 +86,7 @@ class EventLog:
     @property
     def bound(self) -> Any:
         """poolkit's own structlog logger (used when the application has not configured structlog)."""
-        return self._logger
+        return self._own_logger()
 
 
 class _JsonFormatter(logging.Formatter):

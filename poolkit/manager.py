@@ -35,7 +35,6 @@ import selectors
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import threading
 import time
@@ -233,7 +232,7 @@ class Manager:
         self._pending: deque[Job] = deque()
         self._config_bytes = b""  # set by _start_template: it depends on what the template shares
         self._template_pid: int | None = None
-        self._template_popen: subprocess.Popen[bytes] | None = None
+        self._template_popen: Any = None  # subprocess.Popen of an exec'd template
         self._control: socket.socket | None = None
         self._control_reader = wire.FrameReader()
         self._closing = False
@@ -343,6 +342,7 @@ class Manager:
             self._template_pid = pid
         else:
             import json
+            import subprocess
 
             self.main_refs = {}  # a fresh interpreter shares no __main__ objects with us
             fd = child_end.fileno()
