@@ -34,15 +34,24 @@ def _render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> 
     return f"{event} {fields}".rstrip()
 
 
+def _capturing() -> bool:
+    """True inside ``structlog.testing.capture_logs()``."""
+    structlog = sys.modules.get("structlog")
+    if structlog is None or not structlog.is_configured():
+        return False
+    from structlog.testing import LogCapture
+
+    return any(isinstance(p, LogCapture) for p in structlog.get_config().get("processors", ()))
+
+
 class EventLog:
     """The logger of one pool: structlog, bound with ``pool=<name>``.
 
-    Levels are always those of the stdlib logger ``"poolkit"``. Where events
-    go depends on the application: if it configured structlog itself
-    (``structlog.configure``, or ``structlog.testing.capture_logs``), they go
-    through its processors like its own events; otherwise through poolkit's
-    own renderer to the stdlib logger, which prints nothing until the
-    application configures logging.
+    Levels are always those of the stdlib logger ``"poolkit"``, and events go
+    to that logger (through poolkit's own structlog renderer), which prints
+    nothing until the application configures logging. While a test holds
+    ``structlog.testing.capture_logs()``, events go to structlog's configured
+    processors instead, so that structlog's own testing helper sees them.
     """
 
     def __init__(self, pool_name: str) -> None:
@@ -67,9 +76,9 @@ class EventLog:
     def _emit(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
         if not _stdlib_logger.isEnabledFor(level):
             return
-        import structlog
+        if _capturing():
+            import structlog
 
-        if structlog.is_configured():
             getattr(structlog.get_logger(LOGGER_NAME), method)(event, pool=self._pool_name, **fields)
         else:
             getattr(self._own_logger(), method)(event, **fields)
