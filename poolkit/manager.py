@@ -60,6 +60,14 @@ from .logs import EventLog
 from .serialization import MainRefs, attach_remote_traceback, dumps, loads, snapshot_main
 from .stats import PoolStats, WorkerInfo
 
+# Everything the fork template and its workers run is imported here, in the
+# parent, once: a forked template then starts without importing (or compiling)
+# anything, which is most of a cold start.
+from .template import serve as serve_template
+from .worker import load_prctl, set_parent_death_signal
+
+load_prctl()
+
 __all__ = ["Job", "Manager"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -68,6 +76,7 @@ _TINY_JOB = 0.002  # seconds: jobs shorter than this are worth pipelining
 _START_FAILURES_BEFORE_BROKEN = 3
 _SOCKET_BUFFER = 4 << 20
 _SKIP_GRACE = 0.05
+_LONG_MIN = 0.001  # seconds: a job running longer than this and 5x the mean gets nothing queued behind it
 _PROGRESS_BUDGET = 0.005  # seconds of progress callbacks per batch before stale values are dropped  # seconds a worker has to answer SKIPPED for a job terminated while queued
 
 # Worker states
@@ -322,24 +331,37 @@ class Manager:
     def _start_template(self, method: str) -> None:
         parent_end, child_end = socket.socketpair()
         if method == "fork":
+            self.main_refs = snapshot_main()
+            # The initializer and finalizer travel by reference when the template's
+            # __main__ has them, so the globals they set are the ones jobs read.
+            self._config_bytes = dumps(self.config.worker_config(), self.main_refs)
+            # The first workers' sockets are made now and inherited by the
+            # template, which forks those workers as soon as it starts: a cold
+            # start then waits neither for this thread nor for a SPAWN round trip.
+            now = time.monotonic()
+            first = [] if self._workers else self._new_workers(self.config.min_workers, now)
             neutralize_in_child = [*_fds_of_live_managers(), parent_end.fileno()]
             main_thread = threading.current_thread() is threading.main_thread()
-            self.main_refs = snapshot_main()
             with warnings.catch_warnings():
                 # The template exists to make this the only fork from a threaded process.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
             if pid == 0:  # the template
-                _neutralize_inherited_fds(neutralize_in_child, keep=child_end.fileno())
+                keep = {child_end.fileno(), *(end.fileno() for _, end in first)}
+                _neutralize_inherited_fds(neutralize_in_child, keep=keep)
                 serialization.process_main_refs = self.main_refs
                 if main_thread:
-                    from .worker import set_parent_death_signal
-
                     set_parent_death_signal(signal.SIGTERM)
-                from .template import serve
-
-                serve(child_end, exec_workers=False, sys_path=list(sys.path))
+                serve_template(
+                    child_end,
+                    exec_workers=False,
+                    sys_path=list(sys.path),
+                    first=[(worker.worker_id, end.fileno()) for worker, end in first],
+                )
             self._template_pid = pid
+            for worker, end in first:
+                end.close()
+                self._add_worker(worker)
         else:
             import json
             import subprocess
@@ -349,8 +371,8 @@ class Manager:
             self._template_popen = subprocess.Popen(
                 [
                     sys.executable,
-                    "-m",
-                    "poolkit.template",
+                    "-c",  # not -m: the package imports poolkit.template itself
+                    "from poolkit.template import main; main()",
                     str(fd),
                     method,
                     json.dumps(sys.path),
@@ -360,10 +382,8 @@ class Manager:
                 stdin=subprocess.DEVNULL,
             )
             self._template_pid = self._template_popen.pid
+            self._config_bytes = dumps(self.config.worker_config(), self.main_refs)
         child_end.close()
-        # The initializer and finalizer travel by reference when the template's
-        # __main__ has them, so the globals they set are the ones jobs read.
-        self._config_bytes = dumps(self.config.worker_config(), self.main_refs)
         parent_end.setblocking(True)
         self._control = parent_end
         self._control_reader = wire.FrameReader()
@@ -586,21 +606,36 @@ class Manager:
             starting += 1
 
     def _spawn(self, now: float) -> bool:
-        config = self.config
-        worker_id = next(self._worker_ids)
-        parent_end, child_end = socket.socketpair()
-        _widen(parent_end)
-        _widen(child_end)
+        [(worker, child_end)] = self._new_workers(1, now)
         try:
             ok = self._send_control(
-                wire.frame(wire.Kind.SPAWN, wire.WORKER_ID.pack(worker_id)), [child_end.fileno()]
+                wire.frame(wire.Kind.SPAWN, wire.WORKER_ID.pack(worker.worker_id)),
+                [child_end.fileno()],
             )
         finally:
             child_end.close()
         if not ok:
-            parent_end.close()
+            worker.sock.close()
             return False
-        parent_end.setblocking(False)
+        self._add_worker(worker)
+        return True
+
+    def _new_workers(self, count: int, now: float) -> list[tuple[Worker, socket.socket]]:
+        """Workers not started yet, each with the socket end its process will get."""
+        config = self.config
+        made = []
+        for _ in range(count):
+            worker_id = next(self._worker_ids)
+            parent_end, child_end = socket.socketpair()
+            _widen(parent_end)
+            _widen(child_end)
+            parent_end.setblocking(False)
+            made.append((self._new_worker(worker_id, parent_end, now, config), child_end))
+        return made
+
+    def _new_worker(
+        self, worker_id: int, parent_end: socket.socket, now: float, config: PoolConfig
+    ) -> Worker:
         worker = Worker(worker_id, parent_end, now)
         if config.max_tasks_per_child is not None:
             n = config.max_tasks_per_child
@@ -616,11 +651,13 @@ class Manager:
                 self._config_bytes,
             )
         )
-        self._workers[worker_id] = worker
-        self._selector.register(parent_end, selectors.EVENT_READ, worker)
+        return worker
+
+    def _add_worker(self, worker: Worker) -> None:
+        self._workers[worker.worker_id] = worker
+        self._selector.register(worker.sock, selectors.EVENT_READ, worker)
         self.counters["spawned"] += 1
         self._flush(worker)
-        return True
 
     def _retire(self, worker: Worker, reason: str) -> None:
         """Retire gracefully: no new jobs; RETIRE once idle, so the finalizer runs and it exits 0."""
@@ -979,6 +1016,15 @@ class Manager:
 
     # ------------------------------------------------------------ timers
 
+    def _looks_long(self, job: Job, now: float) -> bool:
+        """A running job far past the measured mean: queue nothing behind it.
+
+        A worker runs one job at a time, so a job sent ahead waits for the one
+        in front; when that one is an outlier among tiny jobs, the job would
+        wait while another worker idles.
+        """
+        return now - job.started_at > max(_LONG_MIN, 5 * (self._ewma or 0.0))
+
     def _fire_timers(self, now: float) -> None:
         config = self.config
         check_memory = (
@@ -1098,7 +1144,7 @@ class Manager:
     def _window(self) -> int:
         ewma = self._ewma
         if ewma is None:
-            return 2
+            return 1  # nothing measured yet: pipeline nothing
         if ewma >= _TINY_JOB:
             return 1
         return min(_MAX_WINDOW, 1 + int(_TINY_JOB / max(ewma, 1e-6)))
@@ -1108,7 +1154,11 @@ class Manager:
         if not pending:
             return
         window = self._window()
-        ready = [w for w in self._workers.values() if w.state == READY and not w.retiring]
+        # Idle workers first: pipelining onto a busy one is only for what is left.
+        ready = sorted(
+            (w for w in self._workers.values() if w.state == READY and not w.retiring),
+            key=lambda w: len(w.inflight),
+        )
         # A starting worker may take one job ahead of its READY: that saves a
         # round trip per new worker, which is most of the cost of recycling.
         ready.extend(
@@ -1132,6 +1182,8 @@ class Manager:
                     if busy >= capacity:
                         continue
                     busy += 1
+                elif self._looks_long(worker.inflight[0], now):
+                    continue
                 room = (window if worker.state == READY else 1) - len(worker.inflight)
                 if worker.max_jobs is not None:
                     room = min(room, worker.max_jobs - worker.jobs_assigned)
@@ -1287,7 +1339,7 @@ class Manager:
         )
 
 
-def _neutralize_inherited_fds(poolkit_fds: list[int], keep: int) -> None:
+def _neutralize_inherited_fds(poolkit_fds: list[int], keep: set[int]) -> None:
     """In a fork template: cut it off from the parent's sockets and other pools' channels.
 
     A forked template would otherwise hold a copy of every socket the parent
@@ -1306,14 +1358,14 @@ def _neutralize_inherited_fds(poolkit_fds: list[int], keep: int) -> None:
         names = []
     for name in names:
         fd = int(name)
-        if fd <= 2 or fd == keep or fd in targets:
+        if fd <= 2 or fd in keep or fd in targets:
             continue
         try:
             if stat.S_ISSOCK(os.fstat(fd).st_mode):
                 targets.add(fd)
         except OSError:
             pass
-    targets.discard(keep)
+    targets -= keep
     if not targets:
         return
     null = os.open(os.devnull, os.O_RDWR)

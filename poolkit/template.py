@@ -31,9 +31,11 @@ import signal
 import socket
 import sys
 from collections import deque
+from collections.abc import Sequence
 
 from . import wire
 from .worker import load_prctl, set_parent_death_signal
+from .worker import serve as serve_worker
 
 __all__ = ["main", "serve"]
 
@@ -63,7 +65,8 @@ class _Template:
         os.set_blocking(self.wake_w, False)
         self.selector = selectors.DefaultSelector()
 
-    def run(self) -> None:
+    def run(self, first: list[tuple[int, int]]) -> None:
+        """Serve until the pool goes away; ``first``: (worker id, socket fd) to fork at once."""
         load_prctl()
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
@@ -75,6 +78,8 @@ class _Template:
         self.selector.register(self.control, selectors.EVENT_READ)
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         try:
+            for worker_id, fd in first:
+                self.fork_worker(worker_id, fd)
             self.loop()
         except _ParentGone:
             self.kill_all()
@@ -154,11 +159,15 @@ class _Template:
                 os.set_inheritable(fd, True)
                 os.execv(
                     sys.executable,
-                    [sys.executable, "-m", "poolkit.worker", str(fd), json.dumps(self.sys_path)],
+                    [
+                        sys.executable,
+                        "-c",  # not -m: the package imports poolkit.worker itself
+                        "from poolkit.worker import main; main()",
+                        str(fd),
+                        json.dumps(self.sys_path),
+                    ],
                 )
-            from .worker import serve
-
-            serve(socket.socket(fileno=fd))
+            serve_worker(socket.socket(fileno=fd))
         except BaseException:
             import traceback
 
@@ -201,13 +210,19 @@ class _Template:
         self.children.clear()
 
 
-def serve(control: socket.socket, *, exec_workers: bool, sys_path: list[str]) -> None:
+def serve(
+    control: socket.socket,
+    *,
+    exec_workers: bool,
+    sys_path: list[str],
+    first: Sequence[tuple[int, int]] = (),
+) -> None:
     """Run the template loop; never returns (leaves through ``os._exit``)."""
     code = 0
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     try:
-        _Template(control, exec_workers, sys_path).run()
+        _Template(control, exec_workers, sys_path).run(list(first))
     except BaseException:
         import traceback
 
