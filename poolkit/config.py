@@ -116,6 +116,7 @@ class PoolConfig:
     idle_timeout: float | None
     job_timeout: float | None
     kill_grace: float
+    exit_timeout: float
     name: str
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -142,6 +143,7 @@ class PoolConfig:
         job_timeout: float | None,
         kill_grace: float,
         name: str | None,
+        exit_timeout: float = 10.0,
     ) -> PoolConfig:
         if max_workers is None:
             from loky import cpu_count
@@ -208,6 +210,7 @@ class PoolConfig:
             idle_timeout=_positive_seconds(idle_timeout, "idle_timeout"),
             job_timeout=_positive_seconds(job_timeout, "job_timeout"),
             kill_grace=_positive_seconds(kill_grace, "kill_grace") or 1.0,
+            exit_timeout=_positive_seconds(exit_timeout, "exit_timeout") or 10.0,
             name=name or "pool",
         )
 

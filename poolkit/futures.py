@@ -90,7 +90,7 @@ class JobFuture(Future[T], Generic[T]):
         for callback in list(self._progress_callbacks):
             try:
                 callback(self, value)
-            except Exception:
+            except BaseException:  # it runs in the manager thread: never let it take that down
                 import logging
 
                 logging.getLogger("poolkit").exception("progress callback %r failed", callback)

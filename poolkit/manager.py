@@ -554,12 +554,14 @@ class Manager:
         config = self.config
         for worker in self._workers.values():
             consider(worker.exit_deadline)
+            if worker.inflight and worker.state != KILLING:
+                head = worker.inflight[0]
+                if head.timeout is not None:
+                    consider(head.started_at + head.timeout)
             if worker.inflight and worker.state == READY:
                 head = worker.inflight[0]
                 if head.future.cancelled():
                     consider(head.started_at + _SKIP_GRACE)
-                if head.timeout is not None:
-                    consider(head.started_at + head.timeout)
                 if config.memory_limit_per_child is not None:
                     consider(self._next_memory_check)
             if worker.state == READY and not worker.retiring:
@@ -676,6 +678,12 @@ class Manager:
         worker.retire_sent = True
         worker.outbox.append(wire.frame(wire.Kind.RETIRE))
         self._flush(worker)
+        self._expect_exit(worker, time.monotonic())
+
+    def _expect_exit(self, worker: Worker, now: float) -> None:
+        """A retiring worker gets ``exit_timeout`` to run its finalizer and exit; then SIGKILL."""
+        if worker.exit_deadline is None:
+            worker.exit_deadline = now + self.config.exit_timeout
 
     def _kill(self, worker: Worker, reason: str, signum: int, now: float) -> None:
         """Stop a worker now. Jobs it had not started go back to the queue."""
@@ -835,10 +843,7 @@ class Manager:
                 "not fit in the parent's memory"
             )
             self.counters["failed"] += 1
-            try:
-                head.future.set_exception(exc)
-            except InvalidStateError:
-                pass
+            _settle(head.future, None, exc)
         self._kill(worker, "crash", signal.SIGKILL, now)
 
     def _drain_worker(self, worker: Worker, now: float) -> None:
@@ -900,8 +905,8 @@ class Manager:
                     if job.seq == seq:
                         try:
                             value = loads(memoryview(body)[wire.SEQ.size :])
-                        except Exception:
-                            break
+                        except BaseException:
+                            break  # a progress value that will not load is dropped
                         job.future._set_progress(value)
                         break
             elif kind == wire.Kind.READY:
@@ -920,6 +925,7 @@ class Manager:
                 (rss,) = wire.PID.unpack_from(body)
                 worker.rss = rss
                 worker.self_retired = True
+                self._expect_exit(worker, now)
                 if not worker.retiring:
                     worker.retiring = True
                     worker.retire_reason = "memory"
@@ -936,7 +942,7 @@ class Manager:
                 try:
                     exc, tb = loads(body)
                     attach_remote_traceback(exc, tb)
-                except Exception as unpickling_error:
+                except BaseException as unpickling_error:
                     exc = unpickling_error
                 error = BrokenPool(
                     f"the initializer failed in worker {worker.worker_id}: {exc!r}; "
@@ -987,32 +993,28 @@ class Manager:
             self.log.debug(
                 "job.done", job_id=future.job_id, worker_id=worker.worker_id, pid=worker.pid, wall=wall
             )
-        if (
-            worker.retiring
-            and not inflight
-            and not worker.self_retired
-            and worker.retire_reason != "tasks"  # it leaves by itself after its last job
-        ):
-            self._send_retire(worker)
+        if worker.retiring and not inflight and not worker.self_retired:
+            if worker.retire_reason == "tasks":
+                self._expect_exit(worker, now)  # it leaves by itself after its last job
+            else:
+                self._send_retire(worker)
 
     def _resolve(self, future: JobFuture[Any], outcome: int, payload: memoryview) -> None:
         try:
             if outcome == wire.OUTCOME_VALUE:
-                future.set_result(loads(payload))
+                value = loads(payload)
                 self.counters["done"] += 1
+                _settle(future, value, None)
                 return
             exc, tb = loads(payload)
             attach_remote_traceback(exc, tb)
-        except InvalidStateError:
-            return
-        except Exception as error:
+        except BaseException as error:  # SystemExit from a hostile __reduce__ too: this job only
             exc = UnpicklingError(
                 f"the result of job {future.job_id} could not be unpickled in the parent: {error!r}"
             )
             exc.__cause__ = error
         self.counters["failed"] += 1
-        with contextlib.suppress(InvalidStateError):
-            future.set_exception(exc)
+        _settle(future, None, exc)
 
     # ------------------------------------------------------------ timers
 
@@ -1039,17 +1041,21 @@ class Manager:
                     self._send_control(
                         wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL))
                     )
-            if worker.state != READY:
+            if worker.state == KILLING:
                 continue
             if worker.inflight:
                 head = worker.inflight[0]
+                # A job sent ahead to a starting worker counts its timeout from
+                # dispatch: an initializer that hangs must not hold it forever.
+                if head.timeout is not None and now >= head.started_at + head.timeout:
+                    self._job_timed_out(worker, head, now)
+                    continue
+                if worker.state != READY:
+                    continue
                 if head.future.cancelled() and now >= head.started_at + _SKIP_GRACE:
                     # Terminated while queued, but the worker started it before the
                     # CANCEL arrived (no SKIPPED came back): stop it the hard way.
                     self._kill(worker, "terminated", signal.SIGKILL, now)
-                    continue
-                if head.timeout is not None and now >= head.started_at + head.timeout:
-                    self._job_timed_out(worker, head, now)
                     continue
                 if check_memory and worker.pid is not None:
                     rss = _read_rss(worker.pid)
@@ -1057,7 +1063,7 @@ class Manager:
                     if rss > config.memory_limit_per_child:
                         self._memory_exceeded(worker, head, rss, now)
                         continue
-            if worker.retiring:
+            if worker.retiring or worker.state != READY:
                 continue
             if worker.lifetime is not None and now >= worker.born + worker.lifetime:
                 self._retire(worker, "lifetime")
@@ -1159,13 +1165,17 @@ class Manager:
             (w for w in self._workers.values() if w.state == READY and not w.retiring),
             key=lambda w: len(w.inflight),
         )
-        # A starting worker may take one job ahead of its READY: that saves a
-        # round trip per new worker, which is most of the cost of recycling.
-        ready.extend(
-            w
-            for w in self._workers.values()
-            if w.state == STARTING and not w.retiring and not w.inflight
-        )
+        # Without an initializer a worker is ready within milliseconds, so a
+        # starting one may take one job ahead of its READY: that saves a round
+        # trip per new worker, most of the cost of recycling. (An initializer
+        # may take long, or hang: then jobs wait for READY, and their timeouts
+        # never include it.)
+        if self.config.initializer is None:
+            ready.extend(
+                w
+                for w in self._workers.values()
+                if w.state == STARTING and not w.retiring and not w.inflight
+            )
         if not ready:
             return
         # max_workers bounds the jobs running at once, whatever the recycling:
@@ -1257,8 +1267,7 @@ class Manager:
                 return
         if not isinstance(exc, (WorkerCrashed, JobTimeout)):
             self.counters["failed"] += 1
-        with contextlib.suppress(InvalidStateError):
-            future.set_exception(exc)
+        _settle(future, None, exc)
 
     def _break(self, error: BaseException) -> None:
         """The pool cannot go on: fail every job, stop every worker."""
@@ -1377,6 +1386,23 @@ def _neutralize_inherited_fds(poolkit_fds: list[int], keep: set[int]) -> None:
         except OSError:
             pass
     os.close(null)
+
+
+def _settle(future: JobFuture[Any], value: Any, error: BaseException | None) -> None:
+    """Complete a future from the manager thread; a user's done-callback cannot take the thread down.
+
+    ``Future`` itself logs an ``Exception`` raised by a callback, but lets a
+    ``BaseException`` (``SystemExit`` in a callback, say) propagate.
+    """
+    try:
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        pass  # already cancelled or failed (terminated, timed out)
+    except BaseException:
+        logging.getLogger("poolkit").exception("a done-callback of job %s raised", future.job_id)
 
 
 def _widen(sock: socket.socket) -> None:

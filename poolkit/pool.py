@@ -39,13 +39,15 @@ class Pool(Executor):
         max_workers: number of workers; default: the CPUs this process may use
             (loky's ``cpu_count``, which reads cgroup limits and affinity).
         mp_context: a ``multiprocessing`` context; only its start method is used.
-        initializer, initargs: run once in each worker before its first job.
+        initializer: run once in each worker before its first job.
+        initargs: arguments for ``initializer``.
         start_method: ``"fork"`` (default on Linux: workers are forked from a
             warm single-threaded template), ``"forkserver"`` (the template is a
             fresh interpreter) or ``"spawn"`` (each worker is a fresh interpreter).
         preload: modules the template imports so that workers start with them.
-        finalizer, finalargs: run in each worker when it retires or the pool
-            shuts down (close the database connection the initializer opened).
+        finalizer: run in each worker when it retires or the pool shuts down
+            (close the database connection the initializer opened).
+        finalargs: arguments for ``finalizer``.
         max_tasks_per_child: retire a worker after this many jobs (any start method).
         recycle_jitter: 0..1; retire up to this fraction earlier, at random, so
             that workers started together do not all retire together.
@@ -59,6 +61,8 @@ class Pool(Executor):
         job_timeout: default per-job timeout in seconds; a job past it fails
             with :class:`~poolkit.JobTimeout` and its worker is replaced.
         kill_grace: seconds between SIGTERM and SIGKILL when stopping a worker.
+        exit_timeout: seconds a retiring worker has to run its finalizer and
+            exit before it is killed (so a hung finalizer cannot hang shutdown).
         name: a name for logs and stats.
     """
 
@@ -83,6 +87,7 @@ class Pool(Executor):
         min_workers: int | None = None,
         job_timeout: float | None = None,
         kill_grace: float = 1.0,
+        exit_timeout: float = 10.0,
         name: str | None = None,
     ) -> None:
         self._config = PoolConfig.build(
@@ -104,6 +109,7 @@ class Pool(Executor):
             min_workers=min_workers,
             job_timeout=job_timeout,
             kill_grace=kill_grace,
+            exit_timeout=exit_timeout,
             name=name,
         )
         for module in self._config.preload:
