@@ -123,9 +123,11 @@ def test_owner_killed_with_sigkill_leaves_no_orphans(tmp_path: Path, start_metho
         [sys.executable, "-c", _OWNER_SCRIPT, start_method, str(tmp_path)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=python_env(),
     )
+    pids: set[int] = set()
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -140,11 +142,14 @@ def test_owner_killed_with_sigkill_leaves_no_orphans(tmp_path: Path, start_metho
         started = time.monotonic()
         wait_gone(pids, timeout=5, what="processes of the killed owner")
         assert time.monotonic() - started < 2.5
+        assert proc.stderr is not None
+        stderr = proc.stderr.read()  # the template and workers share it: all closed now
+        assert "Traceback" not in stderr, stderr
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in pids if "pids" in locals() else ():
+        for pid in pids:
             if not pid_gone(pid):
                 os.kill(pid, signal.SIGKILL)
 
