@@ -96,6 +96,11 @@ class _JobPickler(pickle.Pickler):
                 return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
             if obj.__class__ is types.FunctionType:
                 _importable_functions.add(obj)
+        elif isinstance(obj, BaseException):
+            # The exception's own reduction, never a process-wide copyreg entry:
+            # some libraries (tblib, installed by dask distributed) register one
+            # that loses attributes set by __init__, such as SystemExit.code.
+            return obj.__reduce__()
         return NotImplemented
 
 

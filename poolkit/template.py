@@ -59,6 +59,7 @@ class _Template:
         self.sys_path = sys_path
         self.reader = wire.FrameReader()
         self.fds: deque[int] = deque()
+        self.unforked: set[int] = set()  # sockets of first workers not forked yet
         self.children: dict[int, int] = {}  # pid -> worker_id
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -78,7 +79,9 @@ class _Template:
         self.selector.register(self.control, selectors.EVENT_READ)
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         try:
+            self.unforked = {fd for _, fd in first}
             for worker_id, fd in first:
+                self.unforked.discard(fd)
                 self.fork_worker(worker_id, fd)
             self.loop()
         except _ParentGone:
@@ -153,8 +156,8 @@ class _Template:
             os.close(self.wake_r)
             os.close(self.wake_w)
             self.control.close()
-            for other in self.fds:
-                os.close(other)
+            for other in (*self.fds, *self.unforked):
+                os.close(other)  # other workers' sockets: each worker holds only its own
             if self.exec_workers:
                 os.set_inheritable(fd, True)
                 os.execv(
