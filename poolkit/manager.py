@@ -1326,7 +1326,8 @@ class Manager:
         workers = []
         running = 0
         for worker in self._workers.values():
-            running += 1 if worker.inflight else 0
+            if worker.inflight and worker.state != KILLING and not worker.inflight[0].future.done():
+                running += 1
             workers.append(
                 WorkerInfo(
                     worker_id=worker.worker_id,

@@ -78,17 +78,25 @@ class _Template:
         self.control.setblocking(True)
         self.selector.register(self.control, selectors.EVENT_READ)
         self.selector.register(self.wake_r, selectors.EVENT_READ)
+        # The pool is gone when the loop ends (end of stream) or the parent-death
+        # signal interrupts it; whichever comes first, the other must not cut the
+        # clean-up short, hence SIGTERM ignored before kill_all.
         try:
-            self.unforked = {fd for _, fd in first}
-            for worker_id, fd in first:
-                self.unforked.discard(fd)
-                self.fork_worker(worker_id, fd)
-            self.loop()
+            try:
+                self.unforked = {fd for _, fd in first}
+                for worker_id, fd in first:
+                    self.unforked.discard(fd)
+                    self.fork_worker(worker_id, fd)
+                self.loop()
+            finally:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
         except _ParentGone:
-            self.kill_all()
+            pass
+        self.kill_all()
 
     @staticmethod
     def on_parent_death(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once
         raise _ParentGone
 
     def loop(self) -> None:
@@ -96,7 +104,6 @@ class _Template:
             for key, _ in self.selector.select():
                 if key.fileobj is self.control:
                     if not self.read_control():
-                        self.kill_all()
                         return
                 else:
                     try:
