@@ -77,6 +77,9 @@ BAD_OPTIONS: list[tuple[str, Any, type[Exception]]] = [
     ("job_timeout", "5", TypeError),
     ("kill_grace", 0, ValueError),
     ("kill_grace", -1, ValueError),
+    ("exit_timeout", 0, ValueError),
+    ("exit_timeout", -1, ValueError),
+    ("exit_timeout", "soon", TypeError),
     ("name", 5, TypeError),
 ]
 

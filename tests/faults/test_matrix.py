@@ -52,6 +52,7 @@ from conftest import (
     wait_for_pid_file,
     wait_for_pool_size,
     wait_gone,
+    wait_until,
 )
 
 import poolkit
@@ -82,6 +83,7 @@ TAG = {
 }
 OTHER_JOBS = 6
 JOB_TIMEOUT = 2.0  # seconds, for the SIGSTOP cells (every job of the cell gets it)
+EXIT_TIMEOUT = 2.0  # seconds a stopped retiring worker gets before SIGKILL (SIGSTOP cells)
 SHUTDOWN_BOUND = 30.0  # seconds a shutdown may take before the cell counts as hung
 
 
@@ -236,6 +238,7 @@ def _pool_for(where: str, what: str, directory: str) -> poolkit.Pool:
         options["memory_limit_per_child"] = "500MiB"
     if what == "sigstop_timeout":
         options["job_timeout"] = JOB_TIMEOUT
+        options["exit_timeout"] = EXIT_TIMEOUT
     if where == "initializer":
         options.update(initializer=jobs.fault_init, initargs=(what, directory))
     elif where == "finalizer":
@@ -305,6 +308,20 @@ def _check_affected(future: Future[Any], expect: Expect) -> None:
         assert got.__cause__ is not None
 
 
+def _is_broken(pool: poolkit.Pool) -> bool:
+    """True once the pool is broken: a new job fails with BrokenPool (or submit raises it)."""
+    try:
+        future = pool.submit(jobs.square, 2)
+    except poolkit.BrokenPool:
+        return True
+    kind, got = _outcome(future)
+    if kind == "value":
+        assert got == 4
+        return False
+    assert isinstance(got, poolkit.BrokenPool), repr(got)
+    return True
+
+
 def _kill_leftovers(before: LeakCheck) -> None:
     """Safety net after a failed cell: never let a stuck worker outlive its test."""
     for proc in descendants():
@@ -362,6 +379,9 @@ def _run_cell(where: str, what: str, tmp_path: Path, directory: str, expect: Exp
                     assert got == i * i
                 else:
                     assert isinstance(got, poolkit.BrokenPool), repr(got)
+            # The failing worker may report after the others ran every job: the pool is
+            # broken once it has; from then on submit raises BrokenPool.
+            wait_until(lambda: _is_broken(pool), timeout=20, what="the pool to break")
             with pytest.raises(poolkit.BrokenPool):
                 pool.submit(jobs.square, 1)
             return
