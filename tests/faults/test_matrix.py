@@ -253,6 +253,17 @@ def _pool_for(where: str, what: str, directory: str) -> poolkit.Pool:
     return poolkit.Pool(2, **options)
 
 
+def _submit(pool: poolkit.Pool, fn: Any, *args: Any) -> Future[Any]:
+    """``pool.submit``; a pool that broke already (initializer cells) raises BrokenPool at
+    submit, which is recorded on a future so that every job is checked the same way."""
+    try:
+        return pool.submit(fn, *args)
+    except poolkit.BrokenPool as exc:
+        future: Future[Any] = Future()
+        future.set_exception(exc)
+        return future
+
+
 def _affected_job(pool: poolkit.Pool, where: str, what: str, directory: str) -> Future[Any] | None:
     if where == "load_job":
         return pool.submit(jobs.take_arg, jobs.FaultOnLoad(what, directory))
@@ -352,9 +363,9 @@ def _run_cell(where: str, what: str, tmp_path: Path, directory: str, expect: Exp
     pool = _pool_for(where, what, directory)
     shutdown_thread: threading.Thread | None = None
     try:
-        others = [pool.submit(jobs.square, i) for i in range(OTHER_JOBS // 2)]
+        others = [_submit(pool, jobs.square, i) for i in range(OTHER_JOBS // 2)]
         affected = _affected_job(pool, where, what, directory)
-        others += [pool.submit(jobs.square, i) for i in range(OTHER_JOBS // 2, OTHER_JOBS)]
+        others += [_submit(pool, jobs.square, i) for i in range(OTHER_JOBS // 2, OTHER_JOBS)]
 
         if where == "shutdown":
             wait_for_file(tmp_path / "started-shutdown")
