@@ -117,6 +117,7 @@ class PoolConfig:
     job_timeout: float | None
     kill_grace: float
     exit_timeout: float
+    start_timeout: float | None
     name: str
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -144,6 +145,7 @@ class PoolConfig:
         kill_grace: float,
         name: str | None,
         exit_timeout: float = 10.0,
+        start_timeout: float | None = 300.0,
     ) -> PoolConfig:
         if max_workers is None:
             from loky import cpu_count
@@ -211,6 +213,7 @@ class PoolConfig:
             job_timeout=_positive_seconds(job_timeout, "job_timeout"),
             kill_grace=_positive_seconds(kill_grace, "kill_grace") or 1.0,
             exit_timeout=_positive_seconds(exit_timeout, "exit_timeout") or 10.0,
+            start_timeout=_positive_seconds(start_timeout, "start_timeout"),
             name=name or "pool",
         )
 

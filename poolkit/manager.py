@@ -554,6 +554,8 @@ class Manager:
         config = self.config
         for worker in self._workers.values():
             consider(worker.exit_deadline)
+            if worker.state == STARTING and config.start_timeout is not None:
+                consider(worker.born + config.start_timeout)
             if worker.inflight and worker.state != KILLING:
                 head = worker.inflight[0]
                 if head.timeout is not None:
@@ -758,7 +760,7 @@ class Manager:
             )
 
     def _start_failed(self, worker: Worker, exitcode: int) -> None:
-        if self._broken is not None or worker.kill_reason is not None:
+        if self._broken is not None or worker.kill_reason not in (None, "start_timeout"):
             return  # a worker we killed ourselves while it started is no evidence
         self._start_failures += 1
         if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
@@ -1042,6 +1044,14 @@ class Manager:
                         wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL))
                     )
             if worker.state == KILLING:
+                continue
+            if (
+                worker.state == STARTING
+                and config.start_timeout is not None
+                and now >= worker.born + config.start_timeout
+            ):
+                self.log.warning("worker.start_timeout", worker_id=worker.worker_id, pid=worker.pid)
+                self._kill(worker, "start_timeout", signal.SIGKILL, now)
                 continue
             if worker.inflight:
                 head = worker.inflight[0]

@@ -63,6 +63,9 @@ class Pool(Executor):
         kill_grace: seconds between SIGTERM and SIGKILL when stopping a worker.
         exit_timeout: seconds a retiring worker has to run its finalizer and
             exit before it is killed (so a hung finalizer cannot hang shutdown).
+        start_timeout: seconds a new worker has to become ready (its
+            initializer included) before it is killed and counted as a failed
+            start; None for no limit.
         name: a name for logs and stats.
     """
 
@@ -88,6 +91,7 @@ class Pool(Executor):
         job_timeout: float | None = None,
         kill_grace: float = 1.0,
         exit_timeout: float = 10.0,
+        start_timeout: float | None = 300.0,
         name: str | None = None,
     ) -> None:
         self._config = PoolConfig.build(
@@ -110,6 +114,7 @@ class Pool(Executor):
             job_timeout=job_timeout,
             kill_grace=kill_grace,
             exit_timeout=exit_timeout,
+            start_timeout=start_timeout,
             name=name,
         )
         for module in self._config.preload:

@@ -19,6 +19,7 @@ RETIRE_REASONS = (
     "memory_limit",
     "terminated",
     "crash",
+    "start_timeout",
     "shutdown",
 )
 

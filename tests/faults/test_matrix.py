@@ -239,6 +239,7 @@ def _pool_for(where: str, what: str, directory: str) -> poolkit.Pool:
     if what == "sigstop_timeout":
         options["job_timeout"] = JOB_TIMEOUT
         options["exit_timeout"] = EXIT_TIMEOUT
+        options["start_timeout"] = EXIT_TIMEOUT
     if where == "initializer":
         options.update(initializer=jobs.fault_init, initargs=(what, directory))
     elif where == "finalizer":
