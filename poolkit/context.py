@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["ENV_JOB_ID", "ENV_JOB_TYPE", "ENV_WORKER_ID", "JobContext", "current_job", "report_progress"]
 
@@ -22,8 +21,7 @@ ENV_JOB_TYPE = "POOLKIT_JOB_TYPE"
 ENV_WORKER_ID = "POOLKIT_WORKER_ID"
 
 
-@dataclass(frozen=True)
-class JobContext:
+class JobContext(NamedTuple):
     """Who the running job is.
 
     Attributes:

@@ -33,16 +33,19 @@ class JobFuture(Future[T], Generic[T]):
             for a job that never ran or whose worker died).
     """
 
+    # Class-level defaults: one future per job is created on the hot path, and
+    # most of these are never set (instance attributes shadow them when they are).
+    worker_id: int | None = None
+    pid: int | None = None
+    progress: Any = _NO_PROGRESS
+    _raw_stats: tuple[Any, ...] | None = None
+    _progress_callbacks: list[Callable[[JobFuture[Any], Any], None]] | None = None
+    _terminate: Callable[[JobFuture[Any]], None] | None = None
+
     def __init__(self, job_id: str, job_type: str | None) -> None:
         super().__init__()
         self.job_id = job_id
         self.job_type = job_type
-        self.worker_id: int | None = None
-        self.pid: int | None = None
-        self.progress: Any = _NO_PROGRESS
-        self._raw_stats: tuple[Any, ...] | None = None
-        self._progress_callbacks: list[Callable[[JobFuture[T], Any], None]] = []
-        self._terminate: Callable[[JobFuture[Any]], None] | None = None
 
     def __repr__(self) -> str:
         return f"<JobFuture job_id={self.job_id!r} {self._state.lower()}>"
@@ -59,6 +62,8 @@ class JobFuture(Future[T], Generic[T]):
         were sent; keep them short. An exception in one is logged and ignored.
         """
         with self._condition:
+            if self._progress_callbacks is None:
+                self._progress_callbacks = []
             self._progress_callbacks.append(fn)
 
     def terminate(self) -> bool:
@@ -87,7 +92,7 @@ class JobFuture(Future[T], Generic[T]):
 
     def _set_progress(self, value: Any) -> None:
         self.progress = value
-        for callback in list(self._progress_callbacks):
+        for callback in list(self._progress_callbacks or ()):
             try:
                 callback(self, value)
             except BaseException:  # it runs in the manager thread: never let it take that down

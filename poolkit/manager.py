@@ -1020,14 +1020,14 @@ class Manager:
 
     # ------------------------------------------------------------ timers
 
-    def _looks_long(self, job: Job, now: float) -> bool:
-        """A running job far past the measured mean: queue nothing behind it.
+    def _long_after(self) -> float:
+        """After how long a running job counts as far past the mean: nothing is queued behind it.
 
         A worker runs one job at a time, so a job sent ahead waits for the one
         in front; when that one is an outlier among tiny jobs, the job would
         wait while another worker idles.
         """
-        return now - job.started_at > max(_LONG_MIN, 5 * (self._ewma or 0.0))
+        return max(_LONG_MIN, 5 * (self._ewma or 0.0))
 
     def _fire_timers(self, now: float) -> None:
         config = self.config
@@ -1191,6 +1191,7 @@ class Manager:
         # max_workers bounds the jobs running at once, whatever the recycling:
         # a worker that is idle may start one only while fewer are busy.
         busy = sum(1 for w in self._workers.values() if w.inflight and w.state != KILLING)
+        long_since = now - self._long_after()
         capacity = self.config.max_workers
         touched: dict[int, Worker] = {}
         while pending:
@@ -1202,8 +1203,8 @@ class Manager:
                     if busy >= capacity:
                         continue
                     busy += 1
-                elif self._looks_long(worker.inflight[0], now):
-                    continue
+                elif worker.inflight[0].started_at < long_since:
+                    continue  # its job runs far past the mean: queue nothing behind it
                 room = (window if worker.state == READY else 1) - len(worker.inflight)
                 if worker.max_jobs is not None:
                     room = min(room, worker.max_jobs - worker.jobs_assigned)

@@ -176,7 +176,7 @@ class Pool(Executor):
         manager = self._manager
         if self._shutdown and not accepted_before_shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if manager.owner_pid != os.getpid():
+        if manager.forked_away:  # set in a forked child by os.register_at_fork
             raise RuntimeError(
                 f"this pool belongs to process {manager.owner_pid}; a forked child cannot use it"
             )

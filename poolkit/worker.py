@@ -95,6 +95,7 @@ class _Channel:
         self.reader = wire.FrameReader()
         self._pending_progress: bytes | None = None
         self._lock = threading.Lock()
+        self.seq = 0  # the job running now
 
     def send(self, data: bytes) -> None:
         with self._lock:
@@ -114,6 +115,10 @@ class _Channel:
                 sent = len(head)
             if sent < len(head) + len(body):
                 self.sock.sendall(memoryview(body)[sent - len(head) :])
+
+    def report(self, value: Any) -> None:
+        """``report_progress`` for the job running now (no closure to build per job)."""
+        self.progress(self.seq, value)
 
     def progress(self, seq: int, value: Any) -> None:
         data = wire.frame(wire.Kind.PROGRESS, wire.SEQ.pack(seq), dumps(value))
@@ -146,6 +151,7 @@ def _run_job(
     memory: _Memory,
 ) -> None:
     seq, attempt, meta_len, timeout = wire.JOB_HEAD.unpack_from(body)
+    channel.seq = seq
     offset = wire.JOB_HEAD.size
     job_id: str = str(seq)
     job_type: str | None = None
@@ -158,7 +164,7 @@ def _run_job(
     deadline = time.monotonic() + timeout if timeout else None
     context.enter_job(
         context.JobContext(job_id, job_type, worker_id, attempt, deadline),
-        lambda value: channel.progress(seq, value),
+        channel.report,
     )
     try:
         fn, args, kwargs = loads(payload)
