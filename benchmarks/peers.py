@@ -171,7 +171,7 @@ class _FuturesPeer(Peer):
             for value in self.pool.map(fn, items, timeout=_remaining(deadline)):
                 out.append(value)
                 progress.tick()
-        except TimeoutError:
+        except (TimeoutError, cf.TimeoutError):  # distinct classes before 3.11
             raise progress.hang("map did not finish before the deadline") from None
         return out
 

@@ -556,12 +556,10 @@ class Manager:
             consider(worker.exit_deadline)
             if worker.state == STARTING and config.start_timeout is not None:
                 consider(worker.born + config.start_timeout)
-            if worker.inflight and worker.state != KILLING:
+            if worker.inflight and worker.state == READY:
                 head = worker.inflight[0]
                 if head.timeout is not None:
                     consider(head.started_at + head.timeout)
-            if worker.inflight and worker.state == READY:
-                head = worker.inflight[0]
                 if head.future.cancelled():
                     consider(head.started_at + _SKIP_GRACE)
                 if config.memory_limit_per_child is not None:
@@ -1053,14 +1051,12 @@ class Manager:
                 self.log.warning("worker.start_timeout", worker_id=worker.worker_id, pid=worker.pid)
                 self._kill(worker, "start_timeout", signal.SIGKILL, now)
                 continue
-            if worker.inflight:
+            if worker.inflight and worker.state == READY:
                 head = worker.inflight[0]
-                # A job sent ahead to a starting worker counts its timeout from
-                # dispatch: an initializer that hangs must not hold it forever.
+                # A job's timeout counts from its start, never from a worker's
+                # start-up (a worker that does not get ready is start_timeout's).
                 if head.timeout is not None and now >= head.started_at + head.timeout:
                     self._job_timed_out(worker, head, now)
-                    continue
-                if worker.state != READY:
                     continue
                 if head.future.cancelled() and now >= head.started_at + _SKIP_GRACE:
                     # Terminated while queued, but the worker started it before the

@@ -38,6 +38,7 @@ def run_harness(tmp_path: Path, *args: str, tag: str = "") -> dict:
 
 @pytest.mark.timeout(120)
 def test_quick_run_gives_figures_ratios_page_and_plots(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the plots need the bench extra")
     page = tmp_path / "bench.md"
     data = run_harness(
         tmp_path,
@@ -68,7 +69,8 @@ def test_a_refused_scenario_is_reported_as_not_applicable_with_the_reason(tmp_pa
     data = run_harness(tmp_path, "--only", "S3", "--peers", "stdlib-fork", "--no-docs")
     (run,) = data["runs"]
     assert run["status"] == "n/a"
-    assert "fork" in run["reason"]
+    # 3.11+ refuses max_tasks_per_child with fork; 3.10 has no max_tasks_per_child at all
+    assert "fork" in run["reason"] or "3.11" in run["reason"]
 
 
 @pytest.mark.timeout(60)

@@ -95,7 +95,7 @@ def test_map_timeout_raises_timeout_error(tmp_path: Path) -> None:
     go = tmp_path / "go"
     with ProcessPoolExecutor(1) as ex:
         results = ex.map(jobs.wait_for_file_then, [str(go)] * 2, timeout=0.5)
-        with pytest.raises(TimeoutError) as info:
+        with pytest.raises(cf.TimeoutError) as info:
             next(results)
         assert not isinstance(info.value, poolkit.JobTimeout)  # the wait timed out, not the job
         go.touch()  # let the job that started finish, so that shutdown does not wait for long
@@ -165,7 +165,7 @@ def test_as_completed_timeout(tmp_path: Path) -> None:
     go = tmp_path / "go"
     with ProcessPoolExecutor(1) as ex:
         blocked = ex.submit(jobs.wait_for_file_then, str(go))
-        with pytest.raises(TimeoutError):
+        with pytest.raises(cf.TimeoutError):
             for _ in cf.as_completed([blocked], timeout=0.3):
                 pass
         go.touch()
