@@ -50,7 +50,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from typing import Any, TypeVar
 
@@ -643,64 +643,14 @@ class DaskPool(Executor):
         if self._closed or (self._shutdown and not accepted_before_shutdown):
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    # ------------------------------------------------------------ batch
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = None,
-    ) -> Iterator[T]:
-        """Like ``Executor.map``: results in order; chunked from measured durations, as ``Pool.map``."""
-        return _batch.map_ordered(self, fn, iterables, timeout=timeout, chunksize=chunksize)  # type: ignore[arg-type]
-
-    def imap_unordered(
-        self, fn: Callable[[Any], T], iterable: Iterable[Any], chunksize: int | None = None
-    ) -> Iterator[T]:
-        """Results as they complete, reading ``iterable`` lazily with a bounded number in flight."""
-        return _batch.imap_unordered(self, fn, iterable, chunksize=chunksize)  # type: ignore[arg-type]
-
-    def batch(
-        self,
-        fn: Callable[[Any], T],
-        iterable: Iterable[Any],
-        *,
-        retries: int = 0,
-        retry_exceptions: bool = False,
-        timeout: float | None = None,
-        ordered: bool = True,
-        chunksize: int | None = None,
-        max_in_flight: int | None = None,
-    ) -> Iterator[_batch.Outcome[T]]:
-        """Run ``fn`` on every input; yield an :class:`~poolkit.Outcome` per input (see ``Pool.batch``)."""
-        return _batch.run_batch(
-            self,  # type: ignore[arg-type]
-            fn,
-            iterable,
-            retries=retries,
-            retry_exceptions=retry_exceptions,
-            timeout=timeout,
-            ordered=ordered,
-            chunksize=chunksize,
-            max_in_flight=max_in_flight,
-        )
-
-    # ------------------------------------------------------------ asyncio
-
-    async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """``await pool.run(fn, *args)``: submit and await the result."""
-        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
-
-    async def as_completed_async(self, futures: Iterable[Future[T]]) -> AsyncIterator[Future[T]]:
-        """Yield ``futures`` as they complete, inside an event loop."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Queue[Future[T]] = asyncio.Queue()
-        pending = list(futures)
-        for future in pending:
-            future.add_done_callback(lambda f: loop.call_soon_threadsafe(done.put_nowait, f))
-        for _ in range(len(pending)):
-            yield await done.get()
+    # ------------------------------------------------------------ batch and asyncio
+    # Pool's own methods: their bodies use only submit, _submit, options,
+    # max_workers and config, which this class provides with the same meaning.
+    map = Pool.map
+    imap_unordered = Pool.imap_unordered
+    batch = Pool.batch
+    run = Pool.run
+    as_completed_async = Pool.as_completed_async
 
     # ------------------------------------------------------------ stats
 
