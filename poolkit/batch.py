@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import JobTimeout, WorkerCrashed
-from .futures import JobFuture
+from .futures import JobFuture, cancel_all
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -209,8 +209,7 @@ class _OrderedFeeder:
         with self.cond:
             self.stopped = True
             chunks = list(self.chunks)
-        for future, _ in chunks:
-            future.cancel()
+        cancel_all(future for future, _ in chunks)
 
     def chunk(self, index: int, deadline: float | None) -> tuple[Future[list[Any]], int] | None:
         with self.cond:
@@ -296,8 +295,7 @@ def iterate_in_order(futures: list[JobFuture[T]], timeout: float | None) -> Iter
                 yield future.result(remaining)
                 futures.pop()
         finally:
-            for future in futures:
-                future.cancel()
+            cancel_all(futures)
 
     return results()
 

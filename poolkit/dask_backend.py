@@ -60,12 +60,12 @@ from distributed import WorkerPlugin, get_worker
 from . import batch as _batch
 from .config import PoolConfig
 from .errors import BrokenPool, JobTimeout, PoolkitError, RemoteTraceback, WorkerCrashed
-from .futures import JobFuture
+from .futures import JobFuture, cancel_all
 from .pool import Pool
 from .serialization import dumps, loads
 from .stats import JobStats, PoolStats
 
-__all__ = ["DaskJobFuture", "DaskJobLost", "DaskJobOptions", "DaskPool", "NodePool", "run_job"]
+__all__ = ["CancelledBeforeStart", "DaskJobFuture", "DaskJobLost", "DaskJobOptions", "DaskPool", "NodePool", "run_job"]
 
 T = TypeVar("T")
 
@@ -78,6 +78,14 @@ A job may call ``report_progress`` in a tight loop; locally that costs a pipe
 write, on a cluster every message crosses the scheduler. Values in between are
 coalesced (the latest wins), and the last one always arrives with the result.
 """
+
+
+CLAIM_MEMORY = 600.0
+"""Seconds a node remembers a job it finished, and a cancel claim for a job it has not seen."""
+
+
+class CancelledBeforeStart(CancelledError):
+    """A node's answer for a job the caller cancelled before it started there (never run)."""
 
 
 class DaskJobLost(WorkerCrashed):
@@ -116,17 +124,16 @@ class NodePool(WorkerPlugin):
         # Made in setup(), on the worker: a plugin travels pickled, these do not pickle.
         self.pool: Pool | None = None
         self.running: dict[str, JobFuture[Any]] = {}
-        self.lock: threading.Lock | None = None
+        self.lock = threading.Lock()
+        # The caller's cancel() asks every node before it says yes (see claim()):
+        # job seqs started here (running, or finished lately), and those claimed.
+        self.started: set[int] = set()
+        self.finished: dict[int, float] = {}
+        self.claimed: dict[int, float] = {}
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            "plugin_name": self.plugin_name,
-            "pool_options": self.pool_options,
-            "max_workers": self.max_workers,
-            "pool": None,
-            "running": {},
-            "lock": None,
-        }
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The plugin travels to every node pickled; its lock and records start fresh there.
+        return (NodePool, (self.plugin_name, self.pool_options, self.max_workers))
 
     def setup(self, worker: Any) -> None:
         size = self.max_workers or int(worker.state.nthreads)
@@ -134,7 +141,6 @@ class NodePool(WorkerPlugin):
         floor = options.get("min_workers")
         if floor is not None:
             options["min_workers"] = min(int(floor), size)
-        self.lock = threading.Lock()
         # The Dask worker's event loop runs in its main thread: the node pool's
         # template gets the parent-death signal, so no child outlives the worker.
         self.pool = Pool(size, **options)
@@ -158,6 +164,34 @@ class NodePool(WorkerPlugin):
                 found += 1
         return found
 
+    def claim(self, seqs: Iterable[int]) -> list[int]:
+        """Promise the caller that these jobs will not start here; return those that already have.
+
+        The caller's ``cancel()`` says yes only when no node has started the job,
+        and a claimed job that reaches this node later is skipped, unrun.
+        """
+        now = time.monotonic()
+        started: list[int] = []
+        with self.lock:
+            self._forget_old(now)
+            for seq in seqs:
+                if seq in self.started or seq in self.finished:
+                    started.append(seq)
+                else:
+                    self.claimed[seq] = now
+        return started
+
+    def _forget_old(self, now: float) -> None:
+        # Both dicts are in time order. A claim outlives the job's stay in Dask's
+        # queues (the caller cancels the Dask task right after the claim), and a
+        # finished job's result reaches the caller long before CLAIM_MEMORY.
+        for record in (self.finished, self.claimed):
+            while record:
+                seq, when = next(iter(record.items()))
+                if now - when < CLAIM_MEMORY:
+                    break
+                del record[seq]
+
     def run(
         self,
         worker: Any,
@@ -177,6 +211,39 @@ class NodePool(WorkerPlugin):
         if pool is None:
             raise BrokenPool(f"the poolkit pool on Dask worker {worker.address} is shut down")
         address = str(worker.address)
+        with self.lock:
+            if self.claimed.pop(seq, None) is not None:
+                skipped = CancelledBeforeStart(f"job {job_id} was cancelled before it started")
+                return (False, skipped, None, None, None, None, address, 0, None)
+            self.started.add(seq)
+        try:
+            return self._run(
+                pool, worker, address, topic, seq, job_id, job_type, timeout, retries,
+                interval, fn, args, kwargs,
+            )
+        finally:
+            with self.lock:
+                self.started.discard(seq)
+                now = time.monotonic()
+                self.finished[seq] = now
+                self._forget_old(now)
+
+    def _run(
+        self,
+        pool: Pool,
+        worker: Any,
+        address: str,
+        topic: str,
+        seq: int,
+        job_id: str,
+        job_type: str | None,
+        timeout: float | None,
+        retries: int,
+        interval: float,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Envelope:
         worker.log_event(topic, ("s", seq, job_id, address))
         local = pool.options(
             timeout=timeout, job_id=job_id, job_type=job_type, retries=retries
@@ -327,6 +394,11 @@ async def _terminate_on_node(plugin_name: str, job_ids: list[str], dask_worker: 
     return plugin.terminate(job_ids) if isinstance(plugin, NodePool) else 0
 
 
+def _claim_on_node(plugin_name: str, seqs: list[int], dask_worker: Any = None) -> list[int]:
+    plugin = dask_worker.plugins.get(plugin_name) if dask_worker is not None else None
+    return plugin.claim(seqs) if isinstance(plugin, NodePool) else []
+
+
 def _node_stats(plugin_name: str, dask_worker: Any = None) -> PoolStats | None:
     plugin = dask_worker.plugins.get(plugin_name) if dask_worker is not None else None
     if not isinstance(plugin, NodePool) or plugin.pool is None:
@@ -345,10 +417,25 @@ class DaskJobFuture(JobFuture[T]):
     worker ids are per node, so ``(node, worker_id)`` names a child in the cluster.
     """
 
-    def __init__(self, job_id: str, job_type: str | None) -> None:
+    def __init__(self, job_id: str, job_type: str | None, seq: int = 0) -> None:
         super().__init__(job_id, job_type)
         self.node: str | None = None
         self._node_stats: JobStats | None = None
+        self._seq = seq
+
+    def cancel(self) -> bool:
+        """Cancel the job unless it has started: True means it never runs.
+
+        Until its "started" message arrives, a job may already run on a node, or
+        be about to: so a pending job's cancel asks every node first (one round
+        trip), and says yes only when none has started it and all have promised
+        never to. :func:`poolkit.futures.cancel_all` asks about many jobs at once.
+        """
+        cancel_many = self._cancel_many
+        if cancel_many is not None and not self.done() and not self.running():
+            cancel_many([self])
+            return self.cancelled()
+        return super().cancel()
 
     @property
     def stats(self) -> JobStats | None:
@@ -590,8 +677,9 @@ class DaskPool(Executor):
                 if job_id in self._given_ids:
                     raise ValueError(f"job_id {job_id!r} is already in use by an unfinished job")
                 self._given_ids.add(job_id)
-        future: DaskJobFuture[Any] = DaskJobFuture(job_id, job_type)
+        future: DaskJobFuture[Any] = DaskJobFuture(job_id, job_type, seq)
         future._terminate = functools.partial(self._request_terminate, seq)
+        future._cancel_many = self._cancel_pending
         job = _Job(seq, future)
         if timeout is None:
             timeout = self._job_timeout
@@ -703,8 +791,7 @@ class DaskPool(Executor):
             self._shutdown = True
             jobs = list(self._jobs.values())
         if cancel_futures:
-            for job in jobs:
-                job.future.cancel()
+            cancel_all(job.future for job in jobs)
         if wait:
             self._close_when_idle()
         else:
@@ -757,6 +844,42 @@ class DaskPool(Executor):
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else "running"
         return f"<poolkit.DaskPool {self._name!r} on {self._client.scheduler.address} {state}>"
+
+    # ------------------------------------------------------------ cancelling (any thread)
+
+    def _cancel_pending(self, futures: list[DaskJobFuture[Any]]) -> None:
+        """Cancel those of ``futures`` that no node has started, asking every node once.
+
+        Each node either promises never to start a job (a claim: the job is
+        skipped if it arrives later) or says it has started it; only jobs that
+        no node has started are cancelled, the others stay as they are and end
+        as usual. The Dask tasks of the cancelled ones are then dropped by the
+        delivery thread (``_caller_done``). If a node cannot be asked, no
+        promise is possible and nothing is cancelled.
+        """
+        with self._lock:
+            jobs = [self._jobs.get(future._seq) for future in futures]
+        asked = [
+            job
+            for job in jobs
+            if job is not None
+            and job.dask_future is not None
+            and not job.future.done()
+            and not job.future.running()
+        ]
+        if not asked:
+            return
+        try:
+            replies: dict[str, list[int]] = self._client.run(
+                _claim_on_node, self._plugin_name, [job.seq for job in asked]
+            )
+        except Exception:
+            log.debug("could not ask the nodes to cancel jobs; none cancelled", exc_info=True)
+            return
+        started = {seq for seqs in replies.values() for seq in seqs}
+        for job in asked:
+            if job.seq not in started and job.dask_future.status != "finished":
+                JobFuture.cancel(job.future)
 
     # ------------------------------------------------------------ notices (any thread)
 
@@ -946,8 +1069,10 @@ class DaskPool(Executor):
     def _set(self, job: _Job, ok: bool, value: Any) -> None:
         """Resolve the caller's future, once; each job is counted under one outcome."""
         future = job.future
-        if job.terminate_requested and isinstance(value, CancelledError):
-            future._force_cancel()  # terminated on the node, as asked
+        if isinstance(value, CancelledBeforeStart) or (
+            job.terminate_requested and isinstance(value, CancelledError)
+        ):
+            future._force_cancel()  # cancelled, or terminated on the node, as asked
         if not _mark_running(future):
             self._forget(job, "cancelled")
             return
@@ -993,8 +1118,6 @@ def _mark_running(future: Future[Any]) -> bool:
     Only the delivery thread calls it, so the checks and the move do not race
     with one another; a concurrent ``cancel()`` is settled by the future's lock.
     """
-    if future.cancelled():
-        return False
     if future.running():
         return True
     return future.set_running_or_notify_cancel()

@@ -7,14 +7,14 @@ attribute values, each replaced whole.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import Any, Generic, TypeVar
 
 from .stats import JobStats
 
-__all__ = ["JobFuture"]
+__all__ = ["JobFuture", "cancel_all"]
 
 T = TypeVar("T")
 
@@ -41,6 +41,9 @@ class JobFuture(Future[T], Generic[T]):
     _raw_stats: tuple[Any, ...] | None = None
     _progress_callbacks: list[Callable[[JobFuture[Any], Any], None]] | None = None
     _terminate: Callable[[JobFuture[Any]], None] | None = None
+    # Set where a cancel must ask someone first (DaskPool: its nodes); it takes
+    # many futures at once so that cancel_all() asks once, not once per future.
+    _cancel_many: Callable[[list[Any]], None] | None = None
 
     def __init__(self, job_id: str, job_type: str | None) -> None:
         super().__init__()
@@ -54,6 +57,30 @@ class JobFuture(Future[T], Generic[T]):
     def stats(self) -> JobStats | None:
         raw = self._raw_stats
         return None if raw is None else JobStats(*raw)
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started; True if it is (now) cancelled.
+
+        Unlike the standard library's futures, a cancelled job counts as done
+        for ``concurrent.futures.wait()`` and ``as_completed()`` at once, not
+        when the pool next looks at its queue.
+        """
+        if not super().cancel():
+            return False
+        with self._condition:
+            if self._state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        # cancel() may have notified the waiters already; the base class would
+        # call that state unexpected. The condition's lock is re-entrant.
+        with self._condition:
+            if self._state == CANCELLED_AND_NOTIFIED:
+                return False
+            return super().set_running_or_notify_cancel()
 
     def add_progress_callback(self, fn: Callable[[JobFuture[T], Any], None]) -> None:
         """Call ``fn(future, value)`` for each progress value the job reports.
@@ -115,3 +142,21 @@ class JobFuture(Future[T], Generic[T]):
             self._condition.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
+
+
+def cancel_all(futures: Iterable[Future[Any]]) -> None:
+    """Cancel every future of ``futures`` that has not started.
+
+    Same as calling ``cancel()`` on each, except that futures whose cancel
+    must ask their pool's nodes first (:class:`~poolkit.DaskPool`) are asked
+    about together, in one round trip per pool.
+    """
+    asks: dict[Callable[[list[Any]], None], list[Future[Any]]] = {}
+    for future in futures:
+        cancel_many = getattr(future, "_cancel_many", None)
+        if cancel_many is None or future.done():
+            future.cancel()
+        else:
+            asks.setdefault(cancel_many, []).append(future)
+    for cancel_many, group in asks.items():
+        cancel_many(group)

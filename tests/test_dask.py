@@ -437,6 +437,81 @@ def test_cancel_a_queued_job_and_terminate_a_running_one(pool: DaskPool, tmp_pat
     assert not marker.exists()
 
 
+def test_cancel_says_no_to_a_job_already_running_on_a_node(
+    pool: DaskPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until its "started" message arrives, a job that runs on a node looks pending
+    to the caller: cancel() asks the nodes, says no, and the job ends as usual."""
+    held = threading.Event()
+    take_event = DaskPool._take_event
+
+    def hold_started_messages(self: DaskPool, msg: Any, terminate: Any) -> None:
+        if msg[0] == "s":
+            held.set()  # as if it were still on its way
+            return
+        take_event(self, msg, terminate)
+
+    monkeypatch.setattr(DaskPool, "_take_event", hold_started_messages)
+    gate, marker = tmp_path / "gate", tmp_path / "started"
+    future = pool.submit(blocker, str(gate), str(marker))
+    wait_for_file(str(marker))
+    assert held.wait(WAIT)
+    assert not future.running() and not future.done()
+    assert not future.cancel()
+    assert not future.cancelled()
+    open_gate(gate)
+    assert isinstance(future.result(WAIT), int)
+
+
+def test_a_cancelled_job_that_reaches_a_node_anyway_never_runs(
+    pool: DaskPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cancel() is a promise from every node: even if Dask still hands the task to
+    one (the Dask-level cancel is lost here), the job does not run."""
+    monkeypatch.setattr(DaskPool, "_take_cancel", lambda self, seq, cancel, terminate: None)
+    gate = tmp_path / "gate"
+    markers = [tmp_path / "busy-1", tmp_path / "busy-2"]
+    blockers = [pool.submit(blocker, str(gate), str(marker)) for marker in markers]
+    for marker in markers:
+        wait_for_file(str(marker))
+    cancelled_before = pool.counters["cancelled"]
+
+    ran = tmp_path / "cancelled-job-ran"
+    queued = pool.submit(blocker, str(gate), str(ran))
+    assert queued.cancel()
+    open_gate(gate)
+    assert all(isinstance(f.result(WAIT), int) for f in blockers)
+    # The node answers "skipped" for it; the caller counts it cancelled once.
+    deadline = time.monotonic() + WAIT
+    while pool.counters["cancelled"] == cancelled_before:
+        assert time.monotonic() < deadline, "the cancelled job's task never came back"
+        time.sleep(0.01)
+    assert queued.cancelled()
+    assert not ran.exists()
+    assert pool.counters["cancelled"] == cancelled_before + 1
+
+
+def test_shutdown_cancel_futures_cancels_every_queued_job_unrun(
+    client: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    dask_pool = DaskPool(client, preload=PRELOAD, name="cancel-many")
+    busy = [tmp_path / "busy-1", tmp_path / "busy-2"]
+    blockers = [dask_pool.submit(blocker, str(gate), str(marker)) for marker in busy]
+    for marker in busy:
+        wait_for_file(str(marker))
+    queued = [dask_pool.submit(blocker, str(gate), str(tmp_path / f"q{i}")) for i in range(20)]
+    closer = threading.Thread(target=dask_pool.shutdown, kwargs={"cancel_futures": True})
+    closer.start()
+    concurrent.futures.wait(queued, timeout=WAIT)
+    assert all(f.cancelled() for f in queued)
+    open_gate(gate)
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    assert all(isinstance(f.result(0), int) for f in blockers)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("q")]
+
+
 def gone(pid: int, limit: float = 10.0) -> bool:
     """Wait (bounded) for a process to exit: killing is asynchronous, the test waits on the fact."""
     deadline = time.monotonic() + limit

@@ -161,6 +161,24 @@ def test_wait_and_as_completed() -> None:
         assert sorted(seen) == [i * i for i in range(10)]
 
 
+def test_wait_and_as_completed_see_a_cancelled_job_at_once(tmp_path: Path) -> None:
+    """A job cancelled in the queue is done for wait() and as_completed() when cancel()
+    returns, even while the pool is busy (the stdlib's futures wait for the executor)."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    with ProcessPoolExecutor(1) as ex:
+        running = ex.submit(jobs.started_then_wait, str(started), str(go), "first")
+        queued = [ex.submit(jobs.square, i) for i in range(5)]
+        wait_for_file(started)
+        assert queued[-1].cancel()
+        done, _ = cf.wait([queued[-1]], timeout=0)
+        assert done == {queued[-1]}
+        assert list(cf.as_completed([queued[-1]], timeout=0)) == [queued[-1]]
+        go.touch()
+        assert running.result(timeout=30) == "first"
+        assert [f.result(timeout=30) for f in queued[:-1]] == [0, 1, 4, 9]
+        assert queued[-1].cancelled()
+
+
 def test_as_completed_timeout(tmp_path: Path) -> None:
     go = tmp_path / "go"
     with ProcessPoolExecutor(1) as ex:

@@ -110,7 +110,9 @@ def test_spawned_event_names_the_pid(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="poolkit")
     with poolkit.Pool(2) as pool:
         pids = {pool.submit(jobs.pid_of).result(timeout=30)[1] for _ in range(4)}
-        workers = {w.worker_id: w.pid for w in pool.stats().workers}
+        # Both workers' pids are known once both are ready (the jobs may all
+        # have run on the first while the second was still starting).
+        workers = {w.worker_id: w.pid for w in jobs.wait_ready(pool, 2)}
     spawned = _named(_events(caplog), "worker.spawned")
     assert spawned and all("pid" in f for f in spawned), spawned
     assert {f["worker_id"]: f["pid"] for f in spawned} == workers
