@@ -406,7 +406,9 @@ def _run_cell(where: str, what: str, tmp_path: Path, directory: str, expect: Exp
         if shutdown_thread is None:
             # The pool goes on at full size, and still answers.
             assert pool.submit(jobs.square, 11).result(timeout=30) == 121
-            wait_for_pool_size(pool, timeout=20)
+            # Generous: a worker whose initializer touches 2 GiB takes seconds to be
+            # ready on a loaded machine, and this bounds a hang, not a speed.
+            wait_for_pool_size(pool, timeout=45)
     finally:
         if shutdown_thread is None:
             shutdown_thread = _shutdown_bounded(pool)
