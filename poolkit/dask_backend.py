@@ -80,8 +80,16 @@ coalesced (the latest wins), and the last one always arrives with the result.
 """
 
 
-CLAIM_MEMORY = 600.0
-"""Seconds a node remembers a job it finished, and a cancel claim for a job it has not seen."""
+CLAIM_MEMORY = 120.0
+"""Seconds a node remembers a job it finished, and a cancel claim for a job it has not seen.
+
+A finished job matters only until the caller sees its Dask task finished (the
+caller checks that too); a claim only until the caller's Dask-level cancel has
+dropped the task, right after the claim. Both take milliseconds.
+"""
+
+FINISHED_KEPT = 100_000
+"""At most this many finished jobs remembered per node, however fast they finish."""
 
 
 class CancelledBeforeStart(CancelledError):
@@ -217,85 +225,49 @@ class NodePool(WorkerPlugin):
                 return (False, skipped, None, None, None, None, address, 0, None)
             self.started.add(seq)
         try:
-            return self._run(
-                pool, worker, address, topic, seq, job_id, job_type, timeout, retries,
-                interval, fn, args, kwargs,
-            )
+            worker.log_event(topic, ("s", seq, job_id, address))
+            local = pool.options(
+                timeout=timeout, job_id=job_id, job_type=job_type, retries=retries
+            ).submit(fn, *args, **kwargs)
+            forwarder = _ProgressForwarder(worker, topic, seq, interval)
+            local.add_progress_callback(forwarder.put)
+            # The job may have reported before the callback was attached: send that value.
+            forwarder.catch_up(local)
+            local.add_done_callback(forwarder.finish)
+            self.running[job_id] = local
+            forwarder.follow()
         finally:
+            self.running.pop(job_id, None)
             with self.lock:
                 self.started.discard(seq)
                 now = time.monotonic()
                 self.finished[seq] = now
+                if len(self.finished) > FINISHED_KEPT:
+                    del self.finished[next(iter(self.finished))]
                 self._forget_old(now)
+        return _envelope(local, job_id, address, forwarder.count)
 
-    def _run(
-        self,
-        pool: Pool,
-        worker: Any,
-        address: str,
-        topic: str,
-        seq: int,
-        job_id: str,
-        job_type: str | None,
-        timeout: float | None,
-        retries: int,
-        interval: float,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Envelope:
-        worker.log_event(topic, ("s", seq, job_id, address))
-        local = pool.options(
-            timeout=timeout, job_id=job_id, job_type=job_type, retries=retries
-        ).submit(fn, *args, **kwargs)
-        forwarder = _ProgressForwarder(worker, topic, seq, interval)
-        local.add_progress_callback(forwarder.put)
-        # The job may have reported before the callback was attached: send that value.
-        forwarder.catch_up(local)
-        local.add_done_callback(forwarder.finish)
-        self.running[job_id] = local
-        try:
-            forwarder.follow()
-        finally:
-            self.running.pop(job_id, None)
-        count = forwarder.count
-        stats = local.stats
-        if local.cancelled():
-            error: BaseException = CancelledError(f"job {job_id} was terminated on {address}")
-            return (
-                False,
-                error,
-                None,
-                stats,
-                local.worker_id,
-                local.pid,
-                address,
-                count,
-                local.progress,
-            )
-        exc = local.exception()
-        if exc is None:
-            return (
-                True,
-                local.result(),
-                None,
-                stats,
-                local.worker_id,
-                local.pid,
-                address,
-                count,
-                local.progress,
-            )
+
+def _envelope(local: JobFuture[Any], job_id: str, address: str, count: int) -> Envelope:
+    """What the caller gets back for a job that ran on this node (see :data:`Envelope`)."""
+    tb: str | None = None
+    value: Any
+    if local.cancelled():
+        ok, value = False, CancelledError(f"job {job_id} was terminated on {address}")
+    elif (exc := local.exception()) is None:
+        ok, value = True, local.result()
+    else:
+        ok, value = False, exc
         cause = exc.__cause__
         tb = cause.tb if isinstance(cause, RemoteTraceback) else None
         try:
             pickle.dumps(exc)
         except Exception as pickling_error:
             # It crossed the pool's pipe, so this is rare; never let it break the result path.
-            exc = PoolkitError(
+            value = PoolkitError(
                 f"{type(exc).__name__}: {exc} (could not be pickled: {pickling_error!r})"
             )
-        return (False, exc, tb, stats, local.worker_id, local.pid, address, count, local.progress)
+    return (ok, value, tb, local.stats, local.worker_id, local.pid, address, count, local.progress)
 
 
 class _ProgressForwarder:
@@ -856,6 +828,10 @@ class DaskPool(Executor):
         as usual. The Dask tasks of the cancelled ones are then dropped by the
         delivery thread (``_caller_done``). If a node cannot be asked, no
         promise is possible and nothing is cancelled.
+
+        One window stays open: a Dask worker that joins the cluster between the
+        claim and that Dask-level cancel made no promise, and the scheduler may
+        give it the task (milliseconds, and only while the cluster grows).
         """
         with self._lock:
             jobs = [self._jobs.get(future._seq) for future in futures]
