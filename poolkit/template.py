@@ -239,9 +239,10 @@ def serve(
     code = 0
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
-    # Every object alive now is shared with every worker. Frozen, the
-    # workers' garbage collections never walk (and so never write to) them:
-    # fewer copy-on-write page faults, so cheaper short-lived workers.
+    # Every object alive now is shared with every worker. Frozen (as CPython's
+    # gc docs advise before forking), they are left out of the workers'
+    # collections, which would otherwise write to their pages and so copy them
+    # into each long-lived worker.
     gc.freeze()
     try:
         _Template(control, exec_workers, sys_path).run(list(first))
