@@ -50,18 +50,17 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from typing import Any, TypeVar
 
 import distributed
 from distributed import WorkerPlugin, get_worker
 
-from . import batch as _batch
 from .config import PoolConfig
 from .errors import BrokenPool, JobTimeout, PoolkitError, RemoteTraceback, WorkerCrashed
 from .futures import JobFuture, cancel_all
-from .pool import Pool
+from .pool import JobOptions, Pool
 from .serialization import dumps, loads
 from .stats import JobStats, PoolStats
 
@@ -1099,48 +1098,13 @@ def _mark_running(future: Future[Any]) -> bool:
     return future.set_running_or_notify_cancel()
 
 
-class DaskJobOptions:
+class DaskJobOptions(JobOptions):
     """Per-job options bound to a :class:`DaskPool`; made by :meth:`DaskPool.options`."""
 
-    def __init__(
-        self,
-        pool: DaskPool,
-        *,
-        timeout: float | None,
-        job_id: str | None,
-        job_type: str | None,
-        retries: int,
-    ) -> None:
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
-        ):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if job_id is not None and not isinstance(job_id, str):
-            raise TypeError(f"job_id must be a string, got {job_id!r}")
-        if job_type is not None and not isinstance(job_type, str):
-            raise TypeError(f"job_type must be a string, got {job_type!r}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
-        self._pool = pool
-        self.timeout = None if timeout is None else float(timeout)
-        self.job_id = job_id
-        self.job_type = job_type
-        self.retries = retries
+    _pool: DaskPool
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> DaskJobFuture[T]:
         return self._pool._submit(
             fn, args, kwargs, self.timeout, self.job_id, self.job_type, self.retries
         )
 
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-    ) -> Iterator[T]:
-        """Ordered results, one job per input, each under these options."""
-        futures: list[JobFuture[T]] = [
-            self._pool._submit(fn, args, {}, self.timeout, None, self.job_type, self.retries)
-            for args in zip(*iterables)  # noqa: B905 (stdlib map stops at the shortest)
-        ]
-        return _batch.iterate_in_order(futures, timeout)

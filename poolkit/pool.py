@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import batch as _batch
 from .config import PoolConfig
@@ -320,12 +320,28 @@ class Pool(Executor):
         return f"<poolkit.Pool {self._config.name!r} max_workers={self._config.max_workers} {state}>"
 
 
+class _Submits(Protocol):
+    """What :class:`JobOptions` needs of its pool (a :class:`Pool` or a ``DaskPool``)."""
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        job_id: str | None,
+        job_type: str | None,
+        retries: int,
+        accepted_before_shutdown: bool = False,
+    ) -> JobFuture[Any]: ...
+
+
 class JobOptions:
     """Per-job options bound to a pool; made by :meth:`Pool.options`."""
 
     def __init__(
         self,
-        pool: Pool,
+        pool: _Submits,
         *,
         timeout: float | None,
         job_id: str | None,

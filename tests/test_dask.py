@@ -274,8 +274,11 @@ def test_bad_options_are_refused_at_construction(client: Any, pool: DaskPool) ->
         DaskPool(client, max_tasks_per_child=0)
     with pytest.raises(ValueError, match="memory"):
         DaskPool(client, memory_limit_per_child="lots")
-    with pytest.raises(ValueError, match="timeout"):
-        pool.options(timeout=-1)
+    for timeout in (-1, float("nan")):  # the same rules as Pool.options
+        with pytest.raises(ValueError, match="timeout"):
+            pool.options(timeout=timeout)
+    with pytest.raises(ValueError, match="retries"):
+        pool.options(retries=-1)
     # Nothing was left registered on the workers by the refused pools.
     plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
     assert all(sum(n.startswith("poolkit-") for n in names) == 1 for names in plugins.values())
