@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,33 @@ def test_future_knows_its_worker_once_running(tmp_path: Path) -> None:
         pid = future.result(timeout=30)
     assert running_pid == pid == future.stats.pid
     assert running_worker == future.stats.worker_id
+
+
+def test_a_worker_does_not_grow_with_the_job_ids_it_has_seen() -> None:
+    """Every job gets a new POOLKIT_JOB_ID; setting and clearing them must not leak.
+
+    (glibc's setenv() keeps every distinct value: 64 bytes a job, about 18 MiB
+    here.) The worker's own per-job steps run in a fresh interpreter, which
+    the test reads the RSS of.
+    """
+    code = (
+        "import os\n"
+        "from poolkit import context\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "def jobs(first, n):\n"
+        "    for i in range(first, first + n):\n"
+        "        context.enter_job(context.JobContext(f'job-{i}', 'type', 1, 1, None), None)\n"
+        "        assert os.environ['POOLKIT_JOB_ID'] == f'job-{i}'\n"
+        "        context.leave_job()\n"
+        "        assert 'POOLKIT_JOB_ID' not in os.environ\n"
+        "jobs(0, 20_000)  # allocator warm-up\n"
+        "before = rss()\n"
+        "jobs(20_000, 300_000)\n"
+        "print(rss() - before)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100, check=True
+    )
+    growth = int(done.stdout.strip())
+    assert growth < 4 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB over 300,000 job ids"
