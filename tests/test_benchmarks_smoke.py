@@ -129,3 +129,28 @@ def test_the_reference_pool_survives_crashes_and_recycles(monkeypatch: pytest.Mo
         assert pool.wait(pool.submit(noop), deadline).ok
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(120)
+def test_cpu_cost_reads_the_caller_and_the_children(tmp_path: Path) -> None:
+    """`python -m benchmarks.cpu_cost` end to end, once per pool and load."""
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cpu_cost", "--repeat", "1", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr
+    medians = json.loads(out.read_text())["medians"]
+    assert set(medians) == {"tiny", "recycle"}
+    assert set(medians["tiny"]) == {"poolkit", "mp-pool", "stdlib-fork"}
+    for load in medians.values():
+        for figures in load.values():
+            assert figures["jobs_per_s"] > 0
+            assert figures["parent_us_per_job"] > 0
+            # The workers' CPU reaches this process only once they are reaped.
+            assert figures["children_us_per_job"] > 0
+    # One new worker per job: its start-up faults are counted among the children's.
+    assert medians["recycle"]["poolkit"]["children_faults_per_job"] > 10
