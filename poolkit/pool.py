@@ -356,6 +356,10 @@ class JobOptions:
             raise TypeError(f"job_id must be a string, got {job_id!r}")
         if job_type is not None and not isinstance(job_type, str):
             raise TypeError(f"job_type must be a string, got {job_type!r}")
+        for name, text in (("job_id", job_id), ("job_type", job_type)):
+            if text is not None and "\0" in text:
+                # It becomes an environment variable in the worker, which C ends at a NUL.
+                raise ValueError(f"{name} must not contain a NUL character, got {text!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be a non-negative int, got {retries!r}")
         self._pool = pool

@@ -132,6 +132,8 @@ BAD_JOB_OPTIONS: list[tuple[str, Any, type[Exception]]] = [
     ("retries", 1.5, ValueError),
     ("job_id", 3, TypeError),
     ("job_type", 3, TypeError),
+    ("job_id", "a\0b", ValueError),  # it becomes an environment variable in the worker
+    ("job_type", "\0", ValueError),
 ]
 
 
