@@ -192,17 +192,9 @@ _PARENT_SIDE = (
 NOT_APPLICABLE: dict[tuple[str, str], str] = {
     **{
         ("unpickle_result", what): _PARENT_SIDE
-        for what in (
-            "os_exit",
-            "segfault",
-            "sigkill_outside",
-            "sigterm_outside",
-            "sigstop_timeout",
-            "fork_children",
-            "close_stdio",
-            "setsid",
-            "alloc_2gb",
-        )
+        # Every fault but those that only raise, which the caller survives.
+        for what in WHATS
+        if what not in ("exception", "sys_exit", "recursion")
     },
 }
 
