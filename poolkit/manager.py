@@ -34,7 +34,6 @@ import random
 import selectors
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
@@ -63,8 +62,8 @@ from .stats import PoolStats, WorkerInfo
 # Everything the fork template and its workers run is imported here, in the
 # parent, once: a forked template then starts without importing (or compiling)
 # anything, which is most of a cold start.
-from .template import serve as serve_template
-from .worker import load_prctl, set_parent_death_signal
+from .template import serve_forked as serve_forked_template
+from .worker import load_prctl
 
 load_prctl()
 
@@ -347,16 +346,13 @@ class Manager:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
             if pid == 0:  # the template
-                keep = {child_end.fileno(), *(end.fileno() for _, end in first)}
-                _neutralize_inherited_fds(neutralize_in_child, keep=keep)
                 serialization.process_main_refs = self.main_refs
-                if main_thread:
-                    set_parent_death_signal(signal.SIGTERM)
-                serve_template(
+                serve_forked_template(
                     child_end,
-                    exec_workers=False,
-                    sys_path=list(sys.path),
                     first=[(worker.worker_id, end.fileno()) for worker, end in first],
+                    inherited=neutralize_in_child,
+                    parent_death=main_thread,
+                    sys_path=list(sys.path),
                 )
             self._template_pid = pid
             for worker, end in first:
@@ -1354,46 +1350,6 @@ class Manager:
             retired=dict(self.retired),
             **self.counters,
         )
-
-
-def _neutralize_inherited_fds(poolkit_fds: list[int], keep: set[int]) -> None:
-    """In a fork template: cut it off from the parent's sockets and other pools' channels.
-
-    A forked template would otherwise hold a copy of every socket the parent
-    had open, so a TCP peer would never see the parent close its connection
-    and a listening socket would stay bound in every worker. Sockets and
-    poolkit's own descriptors are pointed at /dev/null with ``dup2`` rather
-    than closed: their numbers stay taken, so a Python object in the copied
-    memory that still holds one can never write into a descriptor the
-    template opens later. Regular files, pipes and terminals are inherited
-    as a fork inherits them (a log file opened before the pool still works).
-    """
-    targets = set(poolkit_fds)
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        names = []
-    for name in names:
-        fd = int(name)
-        if fd <= 2 or fd in keep or fd in targets:
-            continue
-        try:
-            if stat.S_ISSOCK(os.fstat(fd).st_mode):
-                targets.add(fd)
-        except OSError:
-            pass
-    targets -= keep
-    if not targets:
-        return
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in targets:
-        if fd == null:
-            continue
-        try:
-            os.dup2(null, fd, inheritable=False)
-        except OSError:
-            pass
-    os.close(null)
 
 
 def _settle(future: JobFuture[Any], value: Any, error: BaseException | None) -> None:

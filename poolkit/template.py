@@ -17,7 +17,8 @@ template instead. The template never runs a job; it only
   still alive: that is what happens when the pool's process dies.
 
 With ``start_method="fork"`` the template is an ``os.fork()`` of the pool's
-process; with ``"forkserver"`` and ``"spawn"`` it is a fresh interpreter, and
+process (``serve_forked``), which forks the pool's first workers before its
+own set-up, so a cold start waits for two forks and no more; with ``"forkserver"`` and ``"spawn"`` it is a fresh interpreter, and
 with ``"spawn"`` each worker also ``exec``s a fresh interpreter.
 """
 
@@ -31,6 +32,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -44,7 +46,7 @@ from .worker import serve as serve_worker
 # to enums (see become_worker). Untyped: typeshed has no stub for it.
 _signal: Any = importlib.import_module("_signal")
 
-__all__ = ["main", "serve"]
+__all__ = ["main", "neutralize_inherited_fds", "serve", "serve_forked"]
 
 
 def _exit_code(status: int) -> int:
@@ -66,15 +68,14 @@ class _Template:
         self.sys_path = sys_path
         self.reader = wire.FrameReader()
         self.fds: deque[int] = deque()
-        self.unforked: set[int] = set()  # sockets of first workers not forked yet
         self.children: dict[int, int] = {}  # pid -> worker_id
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.selector = selectors.DefaultSelector()
 
-    def run(self, first: list[tuple[int, int]]) -> None:
-        """Serve until the pool goes away; ``first``: (worker id, socket fd) to fork at once."""
+    def run(self, started: list[tuple[int, int]]) -> None:
+        """Serve until the pool goes away; ``started``: (worker id, pid) of workers forked already."""
         load_prctl()
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
@@ -90,10 +91,10 @@ class _Template:
         # clean-up short, hence SIGTERM ignored before kill_all.
         try:
             try:
-                self.unforked = {fd for _, fd in first}
-                for worker_id, fd in first:
-                    self.unforked.discard(fd)
-                    self.fork_worker(worker_id, fd)
+                for worker_id, pid in started:
+                    self.children[pid] = worker_id
+                    self.send(wire.frame(wire.Kind.SPAWNED, wire.SPAWNED.pack(worker_id, pid)))
+                self.reap()  # one may have died before SIGCHLD had a handler here
                 self.loop()
             finally:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -160,18 +161,12 @@ class _Template:
     def become_worker(self, fd: int) -> None:
         code = 70
         try:
-            os.setpgid(0, 0)
-            set_parent_death_signal(signal.SIGKILL)
-            # The C functions: the signal module's Python wrappers convert to
-            # enums, and every page they touch is a copy-on-write fault here.
-            _signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-                _signal.signal(signum, _signal.SIG_DFL)
+            _enter_worker()
             self.selector.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
             self.control.close()
-            for other in (*self.fds, *self.unforked):
+            for other in self.fds:
                 os.close(other)  # other workers' sockets: each worker holds only its own
             if self.exec_workers:
                 os.set_inheritable(fd, True)
@@ -228,14 +223,123 @@ class _Template:
         self.children.clear()
 
 
+def _enter_worker() -> None:
+    """What every worker does first: its own process group, death with its parent, default signals."""
+    os.setpgid(0, 0)
+    set_parent_death_signal(signal.SIGKILL)
+    # The C functions: the signal module's Python wrappers convert to
+    # enums, and every page they touch is a copy-on-write fault here.
+    _signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+        _signal.signal(signum, _signal.SIG_DFL)
+
+
+def _first_worker(fd: int, inherited: Sequence[int]) -> None:
+    """A worker forked by a fork template before its set-up; never returns."""
+    code = 70
+    try:
+        neutralize_inherited_fds(inherited, keep={fd})
+        gc.freeze()  # as the template does before later forks (see serve)
+        _enter_worker()
+        serve_worker(socket.socket(fileno=fd))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def serve_forked(
+    control: socket.socket,
+    *,
+    first: Sequence[tuple[int, int]],
+    inherited: Sequence[int],
+    parent_death: bool,
+    sys_path: list[str],
+) -> None:
+    """Run a template that has just been forked from the pool's process; never returns.
+
+    ``first``: (worker id, socket fd) of the workers to fork at once;
+    ``inherited``: the pool's descriptors this process must not keep;
+    ``parent_death``: whether to die with the pool's process (only when it was
+    forked from the main thread: Linux ties the signal to the forking thread).
+
+    The first workers are forked before anything else, each cutting itself
+    off from the pool's process on its own: a cold start then waits for two
+    forks in a row, not for the template's set-up as well.
+    """
+    started: list[tuple[int, int]] = []
+    try:
+        for worker_id, fd in first:
+            pid = os.fork()
+            if pid == 0:
+                _first_worker(fd, inherited)
+            started.append((worker_id, pid))
+        for _, fd in first:
+            os.close(fd)
+        neutralize_inherited_fds(inherited, keep={control.fileno()})
+        if parent_death:
+            set_parent_death_signal(signal.SIGTERM)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    serve(control, exec_workers=False, sys_path=sys_path, started=started)
+
+
+def neutralize_inherited_fds(poolkit_fds: Sequence[int], keep: set[int]) -> None:
+    """In a process forked from the pool's: cut it off from the parent's sockets and other pools' channels.
+
+    A forked template would otherwise hold a copy of every socket the parent
+    had open, so a TCP peer would never see the parent close its connection
+    and a listening socket would stay bound in every worker. Sockets and
+    poolkit's own descriptors are pointed at /dev/null with ``dup2`` rather
+    than closed: their numbers stay taken, so a Python object in the copied
+    memory that still holds one can never write into a descriptor the
+    process opens later. Regular files, pipes and terminals are inherited
+    as a fork inherits them (a log file opened before the pool still works).
+    """
+    targets = set(poolkit_fds)
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        names = []
+    for name in names:
+        fd = int(name)
+        if fd <= 2 or fd in keep or fd in targets:
+            continue
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                targets.add(fd)
+        except OSError:
+            pass
+    targets -= keep
+    if not targets:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in targets:
+        if fd == null:
+            continue
+        try:
+            os.dup2(null, fd, inheritable=False)
+        except OSError:
+            pass
+    os.close(null)
+
+
 def serve(
     control: socket.socket,
     *,
     exec_workers: bool,
     sys_path: list[str],
-    first: Sequence[tuple[int, int]] = (),
+    started: Sequence[tuple[int, int]] = (),
 ) -> None:
-    """Run the template loop; never returns (leaves through ``os._exit``)."""
+    """Run the template loop; never returns (leaves through ``os._exit``).
+
+    ``started``: (worker id, pid) of workers already forked (see ``serve_forked``).
+    """
     code = 0
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
@@ -245,7 +349,7 @@ def serve(
     # into each long-lived worker.
     gc.freeze()
     try:
-        _Template(control, exec_workers, sys_path).run(list(first))
+        _Template(control, exec_workers, sys_path).run(list(started))
     except BaseException:
         import traceback
 

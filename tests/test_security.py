@@ -92,6 +92,32 @@ def test_a_worker_holds_its_own_socket_and_no_other(start_method: str, tmp_path:
             assert inodes.isdisjoint(templates), f"worker {pid} shares a socket with the template"
 
 
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_the_parents_own_sockets_reach_no_process_of_the_pool(start_method: str) -> None:
+    """A server that starts a pool keeps its sockets to itself: in the template, the first
+    workers (forked before the template's own set-up) and a worker forked later."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=10)
+    served, _ = listener.accept()
+    try:
+        mine = _socket_inodes(os.getpid())
+        with poolkit.Pool(2, start_method=start_method) as pool:
+            first = {w.pid for w in wait_for_pool_size(pool).workers}
+            assert pool.submit(jobs.crash_exit).exception(timeout=30) is not None
+            everyone = {w.pid for w in wait_for_pool_size(pool).workers} | first
+            assert len(everyone) == 3  # both first workers, and the crashed one's replacement
+            everyone |= _template_pids(everyone)
+            for pid in everyone:
+                if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    assert _socket_inodes(pid).isdisjoint(mine), f"process {pid} holds a socket of ours"
+            # So the TCP peer sees this process close its connection while the pool runs.
+            served.close()
+            assert client.recv(1) == b""
+    finally:
+        for sock in (client, served, listener):
+            sock.close()
+
 def test_a_second_pools_workers_hold_nothing_of_the_first() -> None:
     with poolkit.Pool(2) as first, poolkit.Pool(2) as second:
         assert first.submit(jobs.square, 2).result(timeout=30) == 4
