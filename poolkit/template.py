@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import wire
-from .worker import load_prctl, set_parent_death_signal
+from .worker import load_prctl, rehearse, set_parent_death_signal
 from .worker import serve as serve_worker
 
 # The C half of the signal module, without the Python wrappers that convert
@@ -347,6 +347,11 @@ def serve(
     # gc docs advise before forking), they are left out of the workers'
     # collections, which would otherwise write to their pages and so copy them
     # into each long-lived worker.
+    if not exec_workers:  # a worker that execs starts from a fresh interpreter anyway
+        try:
+            rehearse()
+        except Exception:
+            pass  # only a speed-up; a worker with the same trouble reports it itself
     gc.freeze()
     try:
         _Template(control, exec_workers, sys_path).run(list(started))

@@ -32,7 +32,7 @@ from . import context, wire
 from .config import WorkerConfig
 from .serialization import dumps, format_exception, loads
 
-__all__ = ["main", "serve"]
+__all__ = ["main", "rehearse", "serve"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -77,6 +77,12 @@ class _Memory:
             except (OSError, ValueError, IndexError):
                 pass
         return 0
+
+    def close(self) -> None:
+        for fd in (self._statm, self._clear_refs):
+            if fd is not None:
+                os.close(fd)
+        self._statm = self._clear_refs = None
 
     @staticmethod
     def peak() -> int:
@@ -325,6 +331,48 @@ def serve(sock: socket.socket) -> None:
         elif kind == wire.Kind.RETIRE:
             _finalize(config)
             _exit(0)
+
+
+
+def _rehearsal_job() -> None:
+    """The job a rehearsal runs: nothing."""
+
+
+def rehearse(rounds: int = 8) -> None:
+    """Run a worker's start and its per-job path in the template, over a socket pair.
+
+    Why: Python writes to memory when it first runs code (the specializing
+    interpreter rewrites bytecode in place, allocations fill fresh pages), and
+    in a forked worker every such write is a copy-on-write page fault. Done
+    once here, those writes are already in the memory every worker is forked
+    from. Nothing is left behind: the job is a no-op, the per-job environment
+    variables are set and cleared as in a worker, and every descriptor is closed.
+    """
+    ours, theirs = socket.socketpair()
+    memory = _Memory()
+    try:
+        channel = _Channel(ours)
+        inbox = _Inbox(channel)
+        config = WorkerConfig(None, (), None, (), None, "rehearsal")
+        meta = dumps(("rehearsal", "rehearsal"))
+        payload = dumps((_rehearsal_job, (), {}))
+        job_head = wire.JOB_HEAD.pack(1, 1, len(meta), 0.0)
+        for _ in range(rounds):
+            theirs.sendall(
+                wire.frame(wire.Kind.CONFIG, wire.WORKER_HEAD.pack(0, 0), dumps(config))
+                + wire.frame(wire.Kind.JOB, job_head, meta, payload)
+            )
+            item = inbox.next()
+            assert item is not None
+            loads(memoryview(item[1])[wire.WORKER_HEAD.size :])
+            item = inbox.next()
+            assert item is not None
+            _run_job(channel, item[1], 0, memory)
+            theirs.recv(1 << 16)
+    finally:
+        memory.close()
+        ours.close()
+        theirs.close()
 
 
 _prctl: Any = None

@@ -169,3 +169,17 @@ def test_a_jobs_own_environment_change_stays_in_its_worker() -> None:
         assert next_worker.result(timeout=30) is None
         assert next_worker.pid != setter.pid
     assert "POOLKIT_TEST_LEAK" not in os.environ
+
+
+def test_the_templates_rehearsal_leaves_no_trace() -> None:
+    """Every fork template runs the worker's job path once on a no-op (``worker.rehearse``)
+    before it forks later workers; what those workers inherit must be as if it never ran."""
+    from poolkit.worker import rehearse
+
+    environ = dict(os.environ)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    rehearse(rounds=2)
+    assert dict(os.environ) == environ
+    assert os.environ.get("POOLKIT_JOB_ID") is None
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    assert poolkit.current_job() is None
