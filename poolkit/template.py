@@ -18,8 +18,9 @@ template instead. The template never runs a job; it only
 
 With ``start_method="fork"`` the template is an ``os.fork()`` of the pool's
 process (``serve_forked``), which forks the pool's first workers before its
-own set-up, so a cold start waits for two forks and no more; with ``"forkserver"`` and ``"spawn"`` it is a fresh interpreter, and
-with ``"spawn"`` each worker also ``exec``s a fresh interpreter.
+own set-up, so a cold start waits for two forks and no more. With
+``"forkserver"`` and ``"spawn"`` it is a fresh interpreter, and with
+``"spawn"`` each worker also ``exec``s a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -343,15 +344,15 @@ def serve(
     code = 0
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
-    # Every object alive now is shared with every worker. Frozen (as CPython's
-    # gc docs advise before forking), they are left out of the workers'
-    # collections, which would otherwise write to their pages and so copy them
-    # into each long-lived worker.
     if not exec_workers:  # a worker that execs starts from a fresh interpreter anyway
         try:
             rehearse()
         except Exception:
             pass  # only a speed-up; a worker with the same trouble reports it itself
+    # Every object alive now is shared with every worker. Frozen (as CPython's
+    # gc docs advise before forking), they are left out of the workers'
+    # collections, which would otherwise write to their pages and so copy them
+    # into each long-lived worker.
     gc.freeze()
     try:
         _Template(control, exec_workers, sys_path).run(list(started))

@@ -333,7 +333,6 @@ def serve(sock: socket.socket) -> None:
             _exit(0)
 
 
-
 def _rehearsal_job() -> None:
     """The job a rehearsal runs: nothing."""
 
