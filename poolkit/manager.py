@@ -239,6 +239,7 @@ class Manager:
         self._workers: dict[int, Worker] = {}
         self._pending: deque[Job] = deque()
         self._config_bytes = b""  # set by _start_template: it depends on what the template shares
+        self._exec_workers = False  # spawn: each worker gets the config in its first frame
         self._template_pid: int | None = None
         self._template_popen: Any = None  # subprocess.Popen of an exec'd template
         self._control: socket.socket | None = None
@@ -329,6 +330,7 @@ class Manager:
 
     def _start_template(self, method: str) -> None:
         parent_end, child_end = socket.socketpair()
+        self._exec_workers = method == "spawn"
         if method == "fork":
             self.main_refs = snapshot_main()
             # The initializer and finalizer travel by reference when the template's
@@ -349,10 +351,11 @@ class Manager:
                 serialization.process_main_refs = self.main_refs
                 serve_forked_template(
                     child_end,
-                    first=[(worker.worker_id, end.fileno()) for worker, end in first],
+                    first=[(w.worker_id, w.max_jobs or 0, end.fileno()) for w, end in first],
                     inherited=neutralize_in_child,
                     parent_death=main_thread,
                     sys_path=list(sys.path),
+                    config=self._config_bytes,
                 )
             self._template_pid = pid
             for worker, end in first:
@@ -384,6 +387,8 @@ class Manager:
         self._control = parent_end
         self._control_reader = wire.FrameReader()
         self._selector.register(parent_end, selectors.EVENT_READ, "control")
+        if method == "forkserver":  # before any SPAWN: the template loads it once for all workers
+            self._send_control(wire.frame(wire.Kind.WORKER_CONFIG, self._config_bytes))
 
     def _stop_template(self) -> None:
         control = self._control
@@ -607,7 +612,7 @@ class Manager:
         [(worker, child_end)] = self._new_workers(1, now)
         try:
             ok = self._send_control(
-                wire.frame(wire.Kind.SPAWN, wire.WORKER_ID.pack(worker.worker_id)),
+                wire.frame(wire.Kind.SPAWN, wire.WORKER_HEAD.pack(worker.worker_id, worker.max_jobs or 0)),
                 [child_end.fileno()],
             )
         finally:
@@ -642,13 +647,14 @@ class Manager:
             worker.lifetime = config.max_lifetime_per_child * (
                 1.0 - random.uniform(0.0, config.recycle_jitter)
             )
-        worker.outbox.append(
-            wire.frame(
-                wire.Kind.CONFIG,
-                wire.WORKER_HEAD.pack(worker_id, worker.max_jobs or 0),
-                self._config_bytes,
+        if self._exec_workers:  # a fresh interpreter: the template's copy of the config is not there
+            worker.outbox.append(
+                wire.frame(
+                    wire.Kind.CONFIG,
+                    wire.WORKER_HEAD.pack(worker_id, worker.max_jobs or 0),
+                    self._config_bytes,
+                )
             )
-        )
         return worker
 
     def _add_worker(self, worker: Worker) -> None:
@@ -941,7 +947,8 @@ class Manager:
                 except BaseException as unpickling_error:
                     exc = unpickling_error
                 error = BrokenPool(
-                    f"the initializer failed in worker {worker.worker_id}: {exc!r}; "
+                    f"worker {worker.worker_id} could not start (its initializer, or loading "
+                    f"the initializer and its arguments, failed): {exc!r}; "
                     "the pool is not usable"
                 )
                 error.__cause__ = exc

@@ -7,7 +7,9 @@ process early, while it is cheap to copy, and every worker is forked from the
 template instead. The template never runs a job; it only
 
 * forks a worker when the pool sends SPAWN (the worker's socket arrives as
-  SCM_RIGHTS on the control socket),
+  SCM_RIGHTS on the control socket); the pool's WorkerConfig is unpickled
+  once, here, and every worker inherits it, so a recycled worker reads no
+  CONFIG frame and imports nothing its template has not imported already,
 * reaps its children (SIGCHLD through a wake-up fd) and reports each exit
   status with EXITED, then kills what is left of the worker's process group
   so that a job's own children die with it,
@@ -30,7 +32,7 @@ import gc
 import importlib
 import json
 import os
-import selectors
+import select
 import signal
 import socket
 import stat
@@ -40,7 +42,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import wire
-from .worker import load_prctl, rehearse, set_parent_death_signal
+from .config import WorkerConfig
+from .worker import load_config, load_prctl, rehearse, set_parent_death_signal
 from .worker import serve as serve_worker
 
 # The C half of the signal module, without the Python wrappers that convert
@@ -63,17 +66,28 @@ class _ParentGone(Exception):
 
 
 class _Template:
-    def __init__(self, control: socket.socket, exec_workers: bool, sys_path: list[str]) -> None:
+    def __init__(
+        self,
+        control: socket.socket,
+        exec_workers: bool,
+        sys_path: list[str],
+        config: WorkerConfig | BaseException | None,
+    ) -> None:
         self.control = control
         self.exec_workers = exec_workers
         self.sys_path = sys_path
+        # None until the pool's WORKER_CONFIG frame arrives (a fresh-interpreter
+        # template); an exception if it would not load (each worker reports it).
+        self.config = config
         self.reader = wire.FrameReader()
         self.fds: deque[int] = deque()
         self.children: dict[int, int] = {}  # pid -> worker_id
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
-        self.selector = selectors.DefaultSelector()
+        # select.epoll itself, not the selectors module: every object the loop
+        # touches between two forks is a copy-on-write fault in this process.
+        self.epoll = select.epoll()
 
     def run(self, started: list[tuple[int, int]]) -> None:
         """Serve until the pool goes away; ``started``: (worker id, pid) of workers forked already."""
@@ -85,8 +99,8 @@ class _Template:
         # be caught): kill every worker's process group, the jobs' children too.
         signal.signal(signal.SIGTERM, self.on_parent_death)
         self.control.setblocking(True)
-        self.selector.register(self.control, selectors.EVENT_READ)
-        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        self.epoll.register(self.control.fileno(), select.EPOLLIN)
+        self.epoll.register(self.wake_r, select.EPOLLIN)
         # The pool is gone when the loop ends (end of stream) or the parent-death
         # signal interrupts it; whichever comes first, the other must not cut the
         # clean-up short, hence SIGTERM ignored before kill_all.
@@ -109,14 +123,17 @@ class _Template:
         raise _ParentGone
 
     def loop(self) -> None:
+        control_fd = self.control.fileno()
+        poll = self.epoll.poll
+        wake_r = self.wake_r
         while True:
-            for key, _ in self.selector.select():
-                if key.fileobj is self.control:
+            for fd, _ in poll():
+                if fd == control_fd:
                     if not self.read_control():
                         return
                 else:
                     try:
-                        while os.read(self.wake_r, 4096):
+                        while os.read(wake_r, 4096):
                             pass
                     except BlockingIOError:
                         pass
@@ -135,12 +152,14 @@ class _Template:
         self.reader.feed(data)
         for kind, body in self.reader.frames():
             if kind == wire.Kind.SPAWN:
-                (worker_id,) = wire.WORKER_ID.unpack_from(body)
-                self.fork_worker(worker_id, self.fds.popleft())
+                worker_id, max_jobs = wire.WORKER_HEAD.unpack_from(body)
+                self.fork_worker(worker_id, max_jobs, self.fds.popleft())
             elif kind == wire.Kind.KILL:
                 pid, signum = wire.KILL.unpack_from(body)
                 if pid in self.children:
                     self.signal_group(pid, signum)
+            elif kind == wire.Kind.WORKER_CONFIG:
+                self.config = load_config(body)
         return True
 
     @staticmethod
@@ -151,22 +170,23 @@ class _Template:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
 
-    def fork_worker(self, worker_id: int, fd: int) -> None:
+    def fork_worker(self, worker_id: int, max_jobs: int, fd: int) -> None:
         pid = os.fork()
         if pid == 0:
-            self.become_worker(fd)
+            self.become_worker(worker_id, max_jobs, fd)
         os.close(fd)
         self.children[pid] = worker_id
         self.send(wire.frame(wire.Kind.SPAWNED, wire.SPAWNED.pack(worker_id, pid)))
 
-    def become_worker(self, fd: int) -> None:
+    def become_worker(self, worker_id: int, max_jobs: int, fd: int) -> None:
         code = 70
         try:
             _enter_worker()
-            self.selector.close()
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-            self.control.close()
+            # The template's own descriptors, closed by number: the objects that
+            # hold them are never used again (the worker leaves by os._exit), and
+            # their Python-level close methods would only copy more pages.
+            for other in (self.epoll.fileno(), self.wake_r, self.wake_w, self.control.fileno()):
+                os.close(other)
             for other in self.fds:
                 os.close(other)  # other workers' sockets: each worker holds only its own
             if self.exec_workers:
@@ -181,7 +201,10 @@ class _Template:
                         json.dumps(self.sys_path),
                     ],
                 )
-            serve_worker(socket.socket(fileno=fd))
+            config = self.config
+            if config is None:
+                config = RuntimeError("the template forked a worker before it had the pool's config")
+            serve_worker(_worker_socket(fd), worker_id, max_jobs, config)
         except BaseException:
             import traceback
 
@@ -235,14 +258,19 @@ def _enter_worker() -> None:
         _signal.signal(signum, _signal.SIG_DFL)
 
 
-def _first_worker(fd: int, inherited: Sequence[int]) -> None:
+def _worker_socket(fd: int) -> socket.socket:
+    """The worker's end of its socketpair; family and type given, so nothing is asked of the kernel."""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+
+
+def _first_worker(fd: int, inherited: Sequence[int], worker_id: int, max_jobs: int, config: bytes) -> None:
     """A worker forked by a fork template before its set-up; never returns."""
     code = 70
     try:
         neutralize_inherited_fds(inherited, keep={fd})
         gc.freeze()  # as the template does before later forks (see serve)
         _enter_worker()
-        serve_worker(socket.socket(fileno=fd))
+        serve_worker(_worker_socket(fd), worker_id, max_jobs, load_config(config))
     except BaseException:
         import traceback
 
@@ -254,14 +282,16 @@ def _first_worker(fd: int, inherited: Sequence[int]) -> None:
 def serve_forked(
     control: socket.socket,
     *,
-    first: Sequence[tuple[int, int]],
+    first: Sequence[tuple[int, int, int]],
     inherited: Sequence[int],
     parent_death: bool,
     sys_path: list[str],
+    config: bytes,
 ) -> None:
     """Run a template that has just been forked from the pool's process; never returns.
 
-    ``first``: (worker id, socket fd) of the workers to fork at once;
+    ``first``: (worker id, job budget or 0, socket fd) of the workers to fork at once;
+    ``config``: the pool's pickled WorkerConfig;
     ``inherited``: the pool's descriptors this process must not keep;
     ``parent_death``: whether to die with the pool's process (only when it was
     forked from the main thread: Linux ties the signal to the forking thread).
@@ -272,22 +302,23 @@ def serve_forked(
     """
     started: list[tuple[int, int]] = []
     try:
-        for worker_id, fd in first:
+        for worker_id, max_jobs, fd in first:
             pid = os.fork()
             if pid == 0:
-                _first_worker(fd, inherited)
+                _first_worker(fd, inherited, worker_id, max_jobs, config)
             started.append((worker_id, pid))
-        for _, fd in first:
+        for _, _, fd in first:
             os.close(fd)
         neutralize_inherited_fds(inherited, keep={control.fileno()})
         if parent_death:
             set_parent_death_signal(signal.SIGTERM)
+        loaded = load_config(config)
     except BaseException:
         import traceback
 
         traceback.print_exc()
         os._exit(1)
-    serve(control, exec_workers=False, sys_path=sys_path, started=started)
+    serve(control, exec_workers=False, sys_path=sys_path, started=started, config=loaded)
 
 
 def neutralize_inherited_fds(poolkit_fds: Sequence[int], keep: set[int]) -> None:
@@ -336,10 +367,12 @@ def serve(
     exec_workers: bool,
     sys_path: list[str],
     started: Sequence[tuple[int, int]] = (),
+    config: WorkerConfig | BaseException | None = None,
 ) -> None:
     """Run the template loop; never returns (leaves through ``os._exit``).
 
-    ``started``: (worker id, pid) of workers already forked (see ``serve_forked``).
+    ``started``: (worker id, pid) of workers already forked (see ``serve_forked``);
+    ``config``: the workers' config, or None when the pool sends it (WORKER_CONFIG).
     """
     code = 0
     with contextlib.suppress(OSError):
@@ -355,7 +388,7 @@ def serve(
     # into each long-lived worker.
     gc.freeze()
     try:
-        _Template(control, exec_workers, sys_path).run(list(started))
+        _Template(control, exec_workers, sys_path, config).run(list(started))
     except BaseException:
         import traceback
 

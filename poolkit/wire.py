@@ -23,7 +23,7 @@ HEADER = struct.Struct("<QB")
 
 class Kind(enum.IntEnum):
     # parent -> worker
-    CONFIG = 1  # WORKER_HEAD (worker_id, max_jobs or 0) + pickled WorkerConfig
+    CONFIG = 1  # WORKER_HEAD (worker_id, max_jobs or 0) + pickled WorkerConfig (exec'd workers only)
     JOB = 2  # JOB_HEAD + meta pickle + payload pickle
     RETIRE = 3  # empty: finish, run the finalizer, exit 0
     CANCEL = 4  # <Q seq>: do not start this job (it was terminated while queued); answer SKIPPED
@@ -34,8 +34,9 @@ class Kind(enum.IntEnum):
     INIT_FAILED = 13  # pickled (exception, traceback text)
     RETIRING = 14  # <q rss>: leaving after the last RESULT (RSS above max_memory_per_child)
     # parent -> template
-    SPAWN = 20  # <q worker_id>, the worker's socket travels as SCM_RIGHTS
+    SPAWN = 20  # WORKER_HEAD (worker_id, max_jobs or 0), the worker's socket travels as SCM_RIGHTS
     KILL = 21  # <qi pid signal>
+    WORKER_CONFIG = 22  # pickled WorkerConfig, once, before any SPAWN (fresh-interpreter templates)
     # template -> parent
     SPAWNED = 30  # <qq worker_id pid>
     EXITED = 31  # <qqi worker_id pid exitcode>, exitcode negative for a signal

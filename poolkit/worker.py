@@ -26,13 +26,13 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NoReturn
 
 from . import context, wire
 from .config import WorkerConfig
 from .serialization import dumps, format_exception, loads
 
-__all__ = ["main", "rehearse", "serve"]
+__all__ = ["load_config", "main", "rehearse", "serve"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -51,19 +51,21 @@ def _pickled_error(exc: BaseException) -> bytes:
 
 
 class _Memory:
-    """Reads this process's RSS and resets its peak, with file descriptors kept open."""
+    """Reads this process's RSS and resets its peak; each /proc file is opened on first use and kept open."""
 
     def __init__(self) -> None:
-        try:
-            self._statm: int | None = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self._statm = None
-        try:
-            self._clear_refs: int | None = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            self._clear_refs = None
+        self._statm: int | None = None
+        self._clear_refs: int | None = None
+        self._opened = False  # statm tried
+        self._clear_opened = False  # clear_refs tried
 
     def reset_peak(self) -> None:
+        if not self._clear_opened:
+            self._clear_opened = True
+            try:
+                self._clear_refs = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                self._clear_refs = None
         if self._clear_refs is not None:
             try:
                 os.write(self._clear_refs, b"5")
@@ -71,6 +73,12 @@ class _Memory:
                 self._clear_refs = None
 
     def rss(self) -> int:
+        if not self._opened:
+            self._opened = True
+            try:
+                self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._statm = None
         if self._statm is not None:
             try:
                 return int(os.pread(self._statm, 128, 0).split()[1]) * _PAGE
@@ -83,6 +91,7 @@ class _Memory:
             if fd is not None:
                 os.close(fd)
         self._statm = self._clear_refs = None
+        self._opened = self._clear_opened = False
 
     @staticmethod
     def peak() -> int:
@@ -166,7 +175,6 @@ def _run_job(
     payload = memoryview(body)[offset + meta_len :]
     started = time.perf_counter()
     cpu_started = time.process_time()
-    memory.reset_peak()
     deadline = time.monotonic() + timeout if timeout else None
     context.enter_job(
         context.JobContext(job_id, job_type, worker_id, attempt, deadline),
@@ -208,7 +216,7 @@ def _finalize(config: WorkerConfig) -> None:
         sys.stderr.write(f"poolkit: finalizer of worker failed: {format_exception(exc)}")
 
 
-def _exit(code: int) -> None:
+def _exit(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -280,19 +288,31 @@ def _skip_job(channel: _Channel, seq: int) -> None:
     channel.send(wire.HEADER.pack(len(head), wire.Kind.RESULT) + head)
 
 
-def serve(sock: socket.socket) -> None:
-    """Run the worker loop on ``sock`` until told to retire or the pool goes away; never returns."""
+def serve(sock: socket.socket, worker_id: int, max_jobs: int, config: WorkerConfig | BaseException) -> None:
+    """Run the worker loop on ``sock`` until told to retire or the pool goes away; never returns.
+
+    ``config`` is what the template loaded once for all its workers, or the
+    exception that loading it raised (reported as this worker's start failure).
+    """
     sock.setblocking(True)
     channel = _Channel(sock)
-    inbox = _Inbox(channel)
-    first = inbox.next()
-    if first is None or first[0] != wire.Kind.CONFIG:
-        _exit(3)
-    assert first is not None
-    body = first[1]
-    worker_id, max_jobs = wire.WORKER_HEAD.unpack_from(body)
-    config: WorkerConfig = loads(memoryview(body)[wire.WORKER_HEAD.size :])
+    _serve(channel, _Inbox(channel), worker_id, max_jobs, config)
+
+
+def _serve(
+    channel: _Channel,
+    inbox: _Inbox,
+    worker_id: int,
+    max_jobs: int,
+    config: WorkerConfig | BaseException,
+) -> None:
+    if isinstance(config, BaseException):
+        channel.send(wire.frame(wire.Kind.INIT_FAILED, _pickled_error(config)))
+        _exit(1)
     memory = _Memory()
+    # A fresh process's peak RSS is its own (a fork does not inherit the
+    # parent's), so the first job needs no reset unless an initializer ran.
+    fresh = config.initializer is None
     if config.initializer is not None:
         try:
             config.initializer(*config.initargs)
@@ -315,6 +335,9 @@ def serve(sock: socket.socket) -> None:
                 inbox.cancelled.discard(seq)
                 _skip_job(channel, seq)
             else:
+                if not fresh:
+                    memory.reset_peak()
+                fresh = False
                 _run_job(channel, body, worker_id, memory)
             jobs_done += 1
             if jobs_done == max_jobs:
@@ -331,6 +354,17 @@ def serve(sock: socket.socket) -> None:
         elif kind == wire.Kind.RETIRE:
             _finalize(config)
             _exit(0)
+
+
+def load_config(data: bytes | bytearray | memoryview) -> WorkerConfig | BaseException:
+    """Unpickle the pool's WorkerConfig, or return why it would not load (each worker reports it)."""
+    try:
+        config = loads(data)
+    except BaseException as exc:
+        return exc
+    if not isinstance(config, WorkerConfig):
+        return TypeError(f"expected a WorkerConfig, got {type(config).__name__}")
+    return config
 
 
 def _rehearsal_job() -> None:
@@ -352,20 +386,14 @@ def rehearse(rounds: int = 8) -> None:
     try:
         channel = _Channel(ours)
         inbox = _Inbox(channel)
-        config = WorkerConfig(None, (), None, (), None, "rehearsal")
         meta = dumps(("rehearsal", "rehearsal"))
         payload = dumps((_rehearsal_job, (), {}))
         job_head = wire.JOB_HEAD.pack(1, 1, len(meta), 0.0)
         for _ in range(rounds):
-            theirs.sendall(
-                wire.frame(wire.Kind.CONFIG, wire.WORKER_HEAD.pack(0, 0), dumps(config))
-                + wire.frame(wire.Kind.JOB, job_head, meta, payload)
-            )
+            theirs.sendall(wire.frame(wire.Kind.JOB, job_head, meta, payload))
             item = inbox.next()
             assert item is not None
-            loads(memoryview(item[1])[wire.WORKER_HEAD.size :])
-            item = inbox.next()
-            assert item is not None
+            memory.reset_peak()
             _run_job(channel, item[1], 0, memory)
             theirs.recv(1 << 16)
     finally:
@@ -398,15 +426,25 @@ def set_parent_death_signal(signum: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of a worker started by exec (``start_method="spawn"``)."""
+    """Entry point of a worker started by exec (``start_method="spawn"``): its first frame is CONFIG."""
     import json
 
     args = sys.argv[1:] if argv is None else argv
     fd = int(args[0])
     if len(args) > 1:
         sys.path[:] = json.loads(args[1])
-    sock = socket.socket(fileno=fd)
-    serve(sock)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+    sock.setblocking(True)
+    channel = _Channel(sock)
+    inbox = _Inbox(channel)
+    first = inbox.next()
+    if first is None or first[0] != wire.Kind.CONFIG:
+        _exit(3)
+    assert first is not None
+    body = first[1]
+    worker_id, max_jobs = wire.WORKER_HEAD.unpack_from(body)
+    config = load_config(memoryview(body)[wire.WORKER_HEAD.size :])
+    _serve(channel, inbox, worker_id, max_jobs, config)
 
 
 if __name__ == "__main__":

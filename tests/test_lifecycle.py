@@ -249,6 +249,31 @@ def test_initializer_that_kills_its_worker_breaks_the_pool(leak_check) -> None:
     assert pool.stats().spawned == spawned
 
 
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_initargs_that_will_not_load_break_the_pool_with_the_loading_error(
+    start_method: str, leak_check
+) -> None:
+    # The template loads the config once for all its workers (fork and
+    # forkserver); an exec'd worker loads its own (spawn). Either way the
+    # loading error is the pool's error, with no respawn loop behind it.
+    pool = poolkit.Pool(
+        2, start_method=start_method, initializer=jobs.init_write_pid, initargs=(jobs.UnloadableArg(),)
+    )
+    try:
+        future = pool.submit(jobs.square, 3)
+        with pytest.raises(poolkit.BrokenPool, match="could not start") as info:
+            future.result(timeout=30)
+        assert isinstance(info.value.__cause__, ValueError)
+        assert "cannot load: argument" in str(info.value.__cause__)
+        with pytest.raises(poolkit.BrokenPool):
+            pool.submit(jobs.square, 1)
+        spawned = pool.stats().spawned
+    finally:
+        pool.shutdown()
+    assert spawned <= pool.max_workers
+    assert pool.stats().spawned == spawned
+
+
 def test_initializer_runs_once_per_worker(tmp_path: Path) -> None:
     with poolkit.Pool(2, initializer=jobs.init_write_pid, initargs=(str(tmp_path),)) as pool:
         pids = {f.result(timeout=30) for f in [pool.submit(jobs.getpid) for _ in range(20)]}
