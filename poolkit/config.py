@@ -85,7 +85,7 @@ def _callable_or_none(value: object, name: str) -> Callable[..., Any] | None:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What every worker needs to know; pickled once per pool and sent to each new worker."""
+    """What every worker needs to know; pickled once per pool, unpickled once per template and inherited by its workers."""
 
     initializer: Callable[..., Any] | None
     initargs: tuple[Any, ...]
