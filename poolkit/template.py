@@ -27,6 +27,7 @@ own set-up, so a cold start waits for two forks and no more. With
 
 from __future__ import annotations
 
+import array
 import contextlib
 import gc
 import importlib
@@ -65,6 +66,20 @@ class _ParentGone(Exception):
     pass
 
 
+# Whole frame headers of the two messages the template sends per worker, built
+# once: between two forks every object the loop touches is a copy-on-write
+# fault in this process (see _Template.loop).
+_SPAWNED_HEAD = wire.HEADER.pack(wire.SPAWNED.size, wire.Kind.SPAWNED)
+_EXITED_HEAD = wire.HEADER.pack(wire.EXITED.size, wire.Kind.EXITED)
+_SPAWN = int(wire.Kind.SPAWN)
+_KILL = int(wire.Kind.KILL)
+_WORKER_CONFIG = int(wire.Kind.WORKER_CONFIG)
+_FD_SIZE = array.array("i").itemsize
+_SIGKILL = int(signal.SIGKILL)
+_RESET_SIGNALS = (int(signal.SIGCHLD), int(signal.SIGINT), int(signal.SIGTERM))
+_SIG_DFL = int(signal.SIG_DFL)
+
+
 class _Template:
     def __init__(
         self,
@@ -88,6 +103,8 @@ class _Template:
         # select.epoll itself, not the selectors module: every object the loop
         # touches between two forks is a copy-on-write fault in this process.
         self.epoll = select.epoll()
+        self.ancillary_size = socket.CMSG_SPACE(64 * _FD_SIZE)  # up to 64 sockets per read
+        self.own_fds = (self.epoll.fileno(), self.wake_r, self.wake_w, control.fileno())
 
     def run(self, started: list[tuple[int, int]]) -> None:
         """Serve until the pool goes away; ``started``: (worker id, pid) of workers forked already."""
@@ -108,7 +125,7 @@ class _Template:
             try:
                 for worker_id, pid in started:
                     self.children[pid] = worker_id
-                    self.send(wire.frame(wire.Kind.SPAWNED, wire.SPAWNED.pack(worker_id, pid)))
+                    self.send(_SPAWNED_HEAD + wire.SPAWNED.pack(worker_id, pid))
                 self.reap()  # one may have died before SIGCHLD had a handler here
                 self.loop()
             finally:
@@ -123,9 +140,14 @@ class _Template:
         raise _ParentGone
 
     def loop(self) -> None:
+        # Every page this loop writes between two forks is copied once more
+        # (the newest worker still shares it), so the loop keeps to a few
+        # locals, module constants and C calls: one copy-on-write fault costs
+        # more than the Python it saves.
         control_fd = self.control.fileno()
         poll = self.epoll.poll
         wake_r = self.wake_r
+        read = os.read
         while True:
             for fd, _ in poll():
                 if fd == control_fd:
@@ -133,32 +155,35 @@ class _Template:
                         return
                 else:
                     try:
-                        while os.read(wake_r, 4096):
+                        while read(wake_r, 4096):
                             pass
                     except BlockingIOError:
                         pass
-            self.reap()
+            if self.children:
+                self.reap()
 
     def read_control(self) -> bool:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.control, 1 << 16, 64)
+            data, ancillary, _flags, _addr = self.control.recvmsg(1 << 16, self.ancillary_size)
         except InterruptedError:
             return True
         except OSError:
             return False
-        self.fds.extend(fds)
+        for level, kind, fds in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                self.fds.extend(array.array("i", fds[: len(fds) - len(fds) % _FD_SIZE]))
         if not data:
             return False
         self.reader.feed(data)
         for kind, body in self.reader.frames():
-            if kind == wire.Kind.SPAWN:
+            if kind == _SPAWN:
                 worker_id, max_jobs = wire.WORKER_HEAD.unpack_from(body)
                 self.fork_worker(worker_id, max_jobs, self.fds.popleft())
-            elif kind == wire.Kind.KILL:
+            elif kind == _KILL:
                 pid, signum = wire.KILL.unpack_from(body)
                 if pid in self.children:
                     self.signal_group(pid, signum)
-            elif kind == wire.Kind.WORKER_CONFIG:
+            elif kind == _WORKER_CONFIG:
                 self.config = load_config(body)
         return True
 
@@ -176,7 +201,7 @@ class _Template:
             self.become_worker(worker_id, max_jobs, fd)
         os.close(fd)
         self.children[pid] = worker_id
-        self.send(wire.frame(wire.Kind.SPAWNED, wire.SPAWNED.pack(worker_id, pid)))
+        self.send(_SPAWNED_HEAD + wire.SPAWNED.pack(worker_id, pid))
 
     def become_worker(self, worker_id: int, max_jobs: int, fd: int) -> None:
         code = 70
@@ -185,7 +210,7 @@ class _Template:
             # The template's own descriptors, closed by number: the objects that
             # hold them are never used again (the worker leaves by os._exit), and
             # their Python-level close methods would only copy more pages.
-            for other in (self.epoll.fileno(), self.wake_r, self.wake_w, self.control.fileno()):
+            for other in self.own_fds:
                 os.close(other)
             for other in self.fds:
                 os.close(other)  # other workers' sockets: each worker holds only its own
@@ -230,11 +255,11 @@ class _Template:
             if worker_id is None:
                 continue
             # A job's own children die with their worker (unless they left its group).
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
                 os.killpg(pid, signal.SIGKILL)
-            self.send(
-                wire.frame(wire.Kind.EXITED, wire.EXITED.pack(worker_id, pid, _exit_code(status)))
-            )
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.send(_EXITED_HEAD + wire.EXITED.pack(worker_id, pid, _exit_code(status)))
 
     def kill_all(self) -> None:
         for pid in list(self.children):
@@ -250,12 +275,12 @@ class _Template:
 def _enter_worker() -> None:
     """What every worker does first: its own process group, death with its parent, default signals."""
     os.setpgid(0, 0)
-    set_parent_death_signal(signal.SIGKILL)
-    # The C functions: the signal module's Python wrappers convert to
-    # enums, and every page they touch is a copy-on-write fault here.
+    set_parent_death_signal(_SIGKILL)
+    # The C functions with plain ints: the signal module's Python wrappers
+    # convert to enums, and every page they touch is a copy-on-write fault here.
     _signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-        _signal.signal(signum, _signal.SIG_DFL)
+    for signum in _RESET_SIGNALS:
+        _signal.signal(signum, _SIG_DFL)
 
 
 def _worker_socket(fd: int) -> socket.socket:

@@ -35,6 +35,7 @@ from .serialization import dumps, format_exception, loads
 __all__ = ["load_config", "main", "rehearse", "serve"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_READY_HEAD = wire.HEADER.pack(wire.PID.size, wire.Kind.READY)  # built once: see rehearse()
 
 
 def _pickled_error(exc: BaseException) -> bytes:
@@ -319,7 +320,7 @@ def _serve(
         except BaseException as exc:
             channel.send(wire.frame(wire.Kind.INIT_FAILED, _pickled_error(exc)))
             _exit(1)
-    channel.send(wire.frame(wire.Kind.READY, wire.PID.pack(os.getpid())))
+    channel.send(_READY_HEAD + wire.PID.pack(os.getpid()))
     limit = config.max_memory_per_child
     jobs_done = 0
     while True:
