@@ -274,6 +274,27 @@ def test_initargs_that_will_not_load_break_the_pool_with_the_loading_error(
     assert pool.stats().spawned == spawned
 
 
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_killed_template_is_replaced_and_its_new_workers_get_the_config(
+    start_method: str, tmp_path: Path, leak_check
+) -> None:
+    with poolkit.Pool(
+        2, start_method=start_method, initializer=jobs.init_write_pid, initargs=(str(tmp_path),)
+    ) as pool:
+        first = pool.submit(jobs.getpid).result(timeout=30)
+        template = psutil.Process(first).ppid()
+        assert template != os.getpid()
+        os.kill(template, signal.SIGKILL)
+        wait_gone([first], timeout=10, what="a worker of the killed template")
+        # A new template (a fresh interpreter: this process has threads now)
+        # forks new workers, and each runs the initializer with its arguments.
+        pids = {f.result(timeout=30) for f in [pool.submit(jobs.getpid) for _ in range(10)]}
+        assert first not in pids
+        inits = {int(p.name.split("-")[1]) for p in tmp_path.glob("init-*")}
+        assert first in inits and pids <= inits
+        assert all(psutil.Process(pid).ppid() != template for pid in pids)
+
+
 def test_initializer_runs_once_per_worker(tmp_path: Path) -> None:
     with poolkit.Pool(2, initializer=jobs.init_write_pid, initargs=(str(tmp_path),)) as pool:
         pids = {f.result(timeout=30) for f in [pool.submit(jobs.getpid) for _ in range(20)]}
