@@ -185,6 +185,7 @@ class _Template:
                     self.signal_group(pid, signum)
             elif kind == _WORKER_CONFIG:
                 self.config = load_config(body)
+                gc.freeze()  # what it imported and built is shared by every worker (see serve)
         return True
 
     @staticmethod

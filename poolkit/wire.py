@@ -51,7 +51,6 @@ RESULT_HEAD = struct.Struct("<QBddqq")
 OUTCOME_VALUE = 1
 OUTCOME_ERROR = 0
 OUTCOME_SKIPPED = 2  # a cancelled job the worker did not start
-WORKER_ID = struct.Struct("<q")
 WORKER_HEAD = struct.Struct("<qq")
 PID = struct.Struct("<q")
 SEQ = struct.Struct("<Q")
