@@ -44,7 +44,7 @@ from typing import Any
 
 from . import wire
 from .config import WorkerConfig
-from .worker import load_config, load_prctl, rehearse, set_parent_death_signal
+from .worker import load_config, load_prctl, rehearse, set_parent_death_signal, worker_socket
 from .worker import serve as serve_worker
 
 # The C half of the signal module, without the Python wrappers that convert
@@ -230,7 +230,7 @@ class _Template:
             config = self.config
             if config is None:
                 config = RuntimeError("the template forked a worker before it had the pool's config")
-            serve_worker(_worker_socket(fd), worker_id, max_jobs, config)
+            serve_worker(worker_socket(fd), worker_id, max_jobs, config)
         except BaseException:
             import traceback
 
@@ -284,11 +284,6 @@ def _enter_worker() -> None:
         _signal.signal(signum, _SIG_DFL)
 
 
-def _worker_socket(fd: int) -> socket.socket:
-    """The worker's end of its socketpair; family and type given, so nothing is asked of the kernel."""
-    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
-
-
 def _first_worker(fd: int, inherited: Sequence[int], worker_id: int, max_jobs: int, config: bytes) -> None:
     """A worker forked by a fork template before its set-up; never returns."""
     code = 70
@@ -296,7 +291,7 @@ def _first_worker(fd: int, inherited: Sequence[int], worker_id: int, max_jobs: i
         neutralize_inherited_fds(inherited, keep={fd})
         gc.freeze()  # as the template does before later forks (see serve)
         _enter_worker()
-        serve_worker(_worker_socket(fd), worker_id, max_jobs, load_config(config))
+        serve_worker(worker_socket(fd), worker_id, max_jobs, load_config(config))
     except BaseException:
         import traceback
 

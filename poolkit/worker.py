@@ -32,10 +32,12 @@ from . import context, wire
 from .config import WorkerConfig
 from .serialization import dumps, format_exception, loads
 
-__all__ = ["load_config", "main", "rehearse", "serve"]
+__all__ = ["load_config", "main", "rehearse", "serve", "worker_socket"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_READY_HEAD = wire.HEADER.pack(wire.PID.size, wire.Kind.READY)  # built once: see rehearse()
+# Built once, not per worker: every object a new worker touches is a
+# copy-on-write fault (see rehearse).
+_READY_HEAD = wire.HEADER.pack(wire.PID.size, wire.Kind.READY)
 
 
 def _pickled_error(exc: BaseException) -> bytes:
@@ -289,7 +291,9 @@ def _skip_job(channel: _Channel, seq: int) -> None:
     channel.send(wire.HEADER.pack(len(head), wire.Kind.RESULT) + head)
 
 
-def serve(sock: socket.socket, worker_id: int, max_jobs: int, config: WorkerConfig | BaseException) -> None:
+def serve(
+    sock: socket.socket, worker_id: int, max_jobs: int, config: WorkerConfig | BaseException
+) -> NoReturn:
     """Run the worker loop on ``sock`` until told to retire or the pool goes away; never returns.
 
     ``config`` is what the template loaded once for all its workers, or the
@@ -306,7 +310,7 @@ def _serve(
     worker_id: int,
     max_jobs: int,
     config: WorkerConfig | BaseException,
-) -> None:
+) -> NoReturn:
     if isinstance(config, BaseException):
         channel.send(wire.frame(wire.Kind.INIT_FAILED, _pickled_error(config)))
         _exit(1)
@@ -328,7 +332,6 @@ def _serve(
         if item is None:  # end of stream: the pool is gone
             _finalize(config)
             _exit(0)
-        assert item is not None
         kind, body = item
         if kind == wire.Kind.JOB:
             seq = wire.SEQ.unpack_from(body)[0]
@@ -355,6 +358,11 @@ def _serve(
         elif kind == wire.Kind.RETIRE:
             _finalize(config)
             _exit(0)
+
+
+def worker_socket(fd: int) -> socket.socket:
+    """The worker's end of its socketpair; family and type given, so nothing is asked of the kernel."""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
 
 
 def load_config(data: bytes | bytearray | memoryview) -> WorkerConfig | BaseException:
@@ -434,14 +442,13 @@ def main(argv: list[str] | None = None) -> None:
     fd = int(args[0])
     if len(args) > 1:
         sys.path[:] = json.loads(args[1])
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+    sock = worker_socket(fd)
     sock.setblocking(True)
     channel = _Channel(sock)
     inbox = _Inbox(channel)
     first = inbox.next()
     if first is None or first[0] != wire.Kind.CONFIG:
         _exit(3)
-    assert first is not None
     body = first[1]
     worker_id, max_jobs = wire.WORKER_HEAD.unpack_from(body)
     config = load_config(memoryview(body)[wire.WORKER_HEAD.size :])
