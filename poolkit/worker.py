@@ -53,22 +53,26 @@ def _pickled_error(exc: BaseException) -> bytes:
         return dumps((fallback, tb))
 
 
+_NOT_OPENED = -1  # a /proc file not tried yet; None: tried, and it would not open
+
+
+def _open_proc(path: str, flags: int) -> int | None:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
 class _Memory:
     """Reads this process's RSS and resets its peak; each /proc file is opened on first use and kept open."""
 
     def __init__(self) -> None:
-        self._statm: int | None = None
-        self._clear_refs: int | None = None
-        self._opened = False  # statm tried
-        self._clear_opened = False  # clear_refs tried
+        self._statm: int | None = _NOT_OPENED
+        self._clear_refs: int | None = _NOT_OPENED
 
     def reset_peak(self) -> None:
-        if not self._clear_opened:
-            self._clear_opened = True
-            try:
-                self._clear_refs = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
-            except OSError:
-                self._clear_refs = None
+        if self._clear_refs == _NOT_OPENED:
+            self._clear_refs = _open_proc("/proc/self/clear_refs", os.O_WRONLY)
         if self._clear_refs is not None:
             try:
                 os.write(self._clear_refs, b"5")
@@ -76,12 +80,8 @@ class _Memory:
                 self._clear_refs = None
 
     def rss(self) -> int:
-        if not self._opened:
-            self._opened = True
-            try:
-                self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                self._statm = None
+        if self._statm == _NOT_OPENED:
+            self._statm = _open_proc("/proc/self/statm", os.O_RDONLY)
         if self._statm is not None:
             try:
                 return int(os.pread(self._statm, 128, 0).split()[1]) * _PAGE
@@ -91,10 +91,9 @@ class _Memory:
 
     def close(self) -> None:
         for fd in (self._statm, self._clear_refs):
-            if fd is not None:
+            if fd is not None and fd != _NOT_OPENED:
                 os.close(fd)
-        self._statm = self._clear_refs = None
-        self._opened = self._clear_opened = False
+        self._statm = self._clear_refs = _NOT_OPENED
 
     @staticmethod
     def peak() -> int:
