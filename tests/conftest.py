@@ -132,6 +132,25 @@ def wait_for_pool_size(
     return wait_until(full, timeout=timeout, what=f"{want} live workers in {pool!r}")  # type: ignore[no-any-return]
 
 
+def pool_error_of_first_job(pool: poolkit.Pool, timeout: float = 30.0) -> BaseException:
+    """Submit one job to a pool that is expected to break while starting; return the pool's error.
+
+    A pool starts its workers as it is built, so a worker that fails within
+    milliseconds may break the pool before the job is submitted. The job then
+    fails at submit with a BrokenPool whose ``__cause__`` is the pool's error;
+    otherwise its future fails with that error. Either way the same error
+    comes back, so a test checks it without guessing which way the race went.
+    """
+    try:
+        future = pool.submit(abs, -1)
+    except poolkit.BrokenPool as refused:
+        assert refused.__cause__ is not None, "a refused job must say why the pool broke"
+        return refused.__cause__
+    error = future.exception(timeout=timeout)
+    assert error is not None, "the job ran on a pool that should have broken"
+    return error
+
+
 def worker_pids(pool: poolkit.Pool) -> set[int]:
     return {w.pid for w in pool.stats().workers if w.pid}
 
