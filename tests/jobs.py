@@ -63,7 +63,10 @@ def write_text(path: str, text: str) -> str:
 
 
 def write_line(path: str | Path, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write ``path`` atomically. The half-written file is a dot file, so that a test's
+    ``glob("init-*")`` never sees it while another worker is still writing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(f"{text}\n")
     os.replace(tmp, path)
