@@ -78,6 +78,9 @@ _FD_SIZE = array.array("i").itemsize
 _SIGKILL = int(signal.SIGKILL)
 _RESET_SIGNALS = (int(signal.SIGCHLD), int(signal.SIGINT), int(signal.SIGTERM))
 _SIG_DFL = int(signal.SIG_DFL)
+# A worker's exit code when it fails before its loop takes over (EX_SOFTWARE):
+# the loop itself never returns, so only an error in its set-up gets here.
+_START_FAILED = 70
 
 
 class _Template:
@@ -205,7 +208,6 @@ class _Template:
         self.send(_SPAWNED_HEAD + wire.SPAWNED.pack(worker_id, pid))
 
     def become_worker(self, worker_id: int, max_jobs: int, fd: int) -> None:
-        code = 70
         try:
             _enter_worker()
             # The template's own descriptors, closed by number: the objects that
@@ -236,7 +238,7 @@ class _Template:
 
             traceback.print_exc()
         finally:
-            os._exit(code)
+            os._exit(_START_FAILED)
 
     def send(self, data: bytes) -> None:
         try:
@@ -286,7 +288,6 @@ def _enter_worker() -> None:
 
 def _first_worker(fd: int, inherited: Sequence[int], worker_id: int, max_jobs: int, config: bytes) -> None:
     """A worker forked by a fork template before its set-up; never returns."""
-    code = 70
     try:
         neutralize_inherited_fds(inherited, keep={fd})
         gc.freeze()  # as the template does before later forks (see serve)
@@ -297,7 +298,7 @@ def _first_worker(fd: int, inherited: Sequence[int], worker_id: int, max_jobs: i
 
         traceback.print_exc()
     finally:
-        os._exit(code)
+        os._exit(_START_FAILED)
 
 
 def serve_forked(
