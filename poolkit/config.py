@@ -93,6 +93,7 @@ class WorkerConfig:
     finalargs: tuple[Any, ...]
     max_memory_per_child: int | None
     pool_name: str
+    memory_limit_per_child: int | None = None  # a worker then posts every job for the template
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class PoolConfig:
     exit_timeout: float
     start_timeout: float | None
     name: str
+    stall_timeout: float | None = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -146,6 +148,7 @@ class PoolConfig:
         name: str | None,
         exit_timeout: float = 10.0,
         start_timeout: float | None = 300.0,
+        stall_timeout: float | None = 60.0,
     ) -> PoolConfig:
         if max_workers is None:
             from loky import cpu_count
@@ -215,6 +218,7 @@ class PoolConfig:
             exit_timeout=_positive_seconds(exit_timeout, "exit_timeout") or 10.0,
             start_timeout=_positive_seconds(start_timeout, "start_timeout"),
             name=name or "pool",
+            stall_timeout=_positive_seconds(stall_timeout, "stall_timeout"),
         )
 
     def worker_config(self) -> WorkerConfig:
@@ -225,6 +229,7 @@ class PoolConfig:
             finalargs=self.finalargs,
             max_memory_per_child=self.max_memory_per_child,
             pool_name=self.name,
+            memory_limit_per_child=self.memory_limit_per_child,
         )
 
 

@@ -41,6 +41,8 @@ class JobFuture(Future[T], Generic[T]):
     _raw_stats: tuple[Any, ...] | None = None
     _progress_callbacks: list[Callable[[JobFuture[Any], Any], None]] | None = None
     _terminate: Callable[[JobFuture[Any]], None] | None = None
+    # Told when cancel() succeeds, so a pool waiting to shut down sees the queue shrink.
+    _on_cancel: Callable[[], None] | None = None
     # Set where a cancel must ask someone first (DaskPool: its nodes); it takes
     # many futures at once so that cancel_all() asks once, not once per future.
     _cancel_many: Callable[[list[Any]], None] | None = None
@@ -72,6 +74,9 @@ class JobFuture(Future[T], Generic[T]):
                 self._state = CANCELLED_AND_NOTIFIED
                 for waiter in self._waiters:
                     waiter.add_cancelled(self)
+        on_cancel = self._on_cancel
+        if on_cancel is not None:
+            on_cancel()
         return True
 
     def set_running_or_notify_cancel(self) -> bool:

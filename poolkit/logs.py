@@ -76,12 +76,23 @@ class EventLog:
     def _emit(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
         if not _stdlib_logger.isEnabledFor(level):
             return
-        if _capturing():
-            import structlog
+        # The pool's manager thread logs as it fails jobs and breaks pools: a
+        # log that cannot be written (structlog will not import, a handler
+        # raises) must never stop it, or futures would wait for ever.
+        try:
+            if _capturing():
+                import structlog
 
-            getattr(structlog.get_logger(LOGGER_NAME), method)(event, pool=self._pool_name, **fields)
-        else:
-            getattr(self._own_logger(), method)(event, **fields)
+                getattr(structlog.get_logger(LOGGER_NAME), method)(
+                    event, pool=self._pool_name, **fields
+                )
+            else:
+                getattr(self._own_logger(), method)(event, **fields)
+        except Exception:
+            try:
+                _stdlib_logger.log(level, "%s pool=%r %r", event, self._pool_name, fields)
+            except Exception:
+                pass
 
     def info(self, event: str, **fields: Any) -> None:
         self._emit(logging.INFO, "info", event, fields)

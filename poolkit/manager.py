@@ -45,7 +45,7 @@ from concurrent.futures import InvalidStateError
 from pickle import UnpicklingError
 from typing import Any
 
-from . import serialization, wire
+from . import serialization, watchdog, wire
 from .config import PoolConfig
 from .errors import (
     BrokenPool,
@@ -76,6 +76,9 @@ _START_FAILURES_BEFORE_BROKEN = 3
 _SOCKET_BUFFER = 4 << 20
 _SKIP_GRACE = 0.05
 _LONG_MIN = 0.001  # seconds: a job running longer than this and 5x the mean gets nothing queued behind it
+_SPAWN_BACKOFF_MIN = 0.01  # seconds before retrying a spawn that found no descriptor; doubles
+_SPAWN_BACKOFF_MAX = 1.0
+_ABORT_WAIT = 5.0  # seconds shutdown waits for a pool it has just aborted (Ctrl-C) before leaving
 _PROGRESS_BUDGET = 0.005  # seconds of progress callbacks per batch before stale values are dropped  # seconds a worker has to answer SKIPPED for a job terminated while queued
 
 # Worker states
@@ -210,9 +213,39 @@ def _fds_of_live_managers() -> list[int]:
 
 
 def _forget_after_fork() -> None:
-    # A forked child holds copies of every pool's sockets; it must never write to them.
-    for manager in list(_live_managers):
+    """In any child forked from a pool's process: let go of every pool's descriptors.
+
+    The child inherits copies of each pool's sockets and pipes. Kept open, they
+    would hold the pool's template and workers alive after the pool's process
+    ends or shuts them down (the template only sees end of stream once every
+    copy is closed), so a caller that forks (``os.fork``, a ``multiprocessing``
+    fork child) would make ``shutdown()`` wait for that child to exit, and would
+    leave orphans if the parent were killed. They are pointed at /dev/null
+    with ``dup2`` rather than closed, so the numbers stay taken: a socket
+    object in the copied memory can never reach a file the child opens later.
+    """
+    managers = list(_live_managers)
+    _live_managers.clear()  # none of them is this process's
+    fds: list[int] = []
+    for manager in managers:
         manager.forked_away = True
+        fds.extend(manager.owned_fds())
+    if fds:
+        _point_at_devnull(fds)
+
+
+def _point_at_devnull(fds: list[int]) -> None:
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    for fd in fds:
+        if fd != null:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass
+    os.close(null)
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -249,7 +282,6 @@ class Manager:
         self._broken: BaseException | None = None
         self._start_failures = 0
         self._ewma: float | None = None
-        self._next_memory_check = 0.0
         self._debug = False
         self.counters: dict[str, int] = dict.fromkeys(
             ("submitted", "done", "failed", "crashed", "timed_out", "cancelled", "spawned"), 0
@@ -257,12 +289,19 @@ class Manager:
         self.retired: dict[str, int] = {}
         self._final_stats: PoolStats | None = None
         self._stats_requests: list[_StatsRequest] = []
+        # When the loop last left select(), or None while it waits there: the
+        # watchdog reads it to tell a busy manager from a stuck one.
+        self.busy_since: float | None = None
+        self._spawn_retry_at = 0.0  # no spawn before this (a socket could not be made)
+        self._spawn_backoff = 0.0
+        self._stuck: BrokenPool | None = None  # set by the watchdog thread, once
         _live_managers.add(self)
         self._start_template(config.start_method)
         self._thread = threading.Thread(
             target=self._run, name=f"poolkit-manager-{config.name}", daemon=True
         )
         self._thread.start()
+        watchdog.watch(self)
 
     # ------------------------------------------------------------------ API
 
@@ -279,6 +318,12 @@ class Manager:
     def submit(self, job: Job) -> None:
         self._inbox.append(("job", job))
         self._wake()
+        if self._stuck is not None:  # the watchdog may have looked at the inbox before this job
+            _fail_from_outside(job.future, self._stuck)
+
+    def wake(self) -> None:
+        """Look at the queue again (a queued future was cancelled: shutdown may be able to finish)."""
+        self._wake()
 
     def terminate(self, future: JobFuture[Any]) -> None:
         self._inbox.append(("terminate", future))
@@ -288,9 +333,70 @@ class Manager:
         self._inbox.append(("shutdown", cancel_futures))
         self._wake()
 
-    def join(self, timeout: float | None = None) -> None:
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+    def abort(self) -> None:
+        """Stop now: cancel every queued job, kill every worker; running jobs end cancelled."""
+        self._inbox.append(("abort", None))
+        self._wake()
+
+    def join(self) -> None:
+        """Wait until the pool has stopped (see ``request_shutdown``), or is declared stuck.
+
+        A ``KeyboardInterrupt`` while waiting (Ctrl-C, or a second one after
+        the one that ended the caller's loop) stops the pool at once: queued
+        jobs are cancelled and running ones killed. It is then raised again.
+        """
+        if threading.current_thread() is self._thread:
+            return  # from a callback: the loop finishes the shutdown when the callback returns
+        try:
+            while self._thread.is_alive() and self._stuck is None:
+                self._thread.join(watchdog.TICK)
+        except KeyboardInterrupt:
+            self.abort()
+            self._thread.join(_ABORT_WAIT)
+            raise
+
+    def declare_stuck(self, seconds: float) -> None:
+        """Called by the watchdog thread while this manager's thread is away from its loop.
+
+        The owner cannot act, so this does the least that frees every caller:
+        each unfinished future fails, the template and workers are killed,
+        waiting ``stats()`` calls return. The manager thread itself, should
+        it ever come back, finds ``_stuck`` set and closes the pool (``_die``).
+        """
+        error = BrokenPool(
+            f"the pool's own thread has been away from its loop for {seconds:.0f} s (over "
+            f"stall_timeout={self.config.stall_timeout:g} s), most likely inside a done- or "
+            "progress callback, which run in that thread and must return; the pool is broken "
+            "and its workers were killed"
+        )
+        self._stuck = error
+        if self._broken is None:
+            self._broken = error
+        self.log.warning("pool.stuck", seconds=round(seconds, 1))
+        for future in self._unfinished_futures():
+            _fail_from_outside(future, error)
+        pids = [w.pid for w in list(self._workers.values()) if w.pid is not None]
+        for pid in [self._template_pid, *pids]:
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        for request in list(self._stats_requests):
+            request.done.set()
+
+    def _unfinished_futures(self) -> list[JobFuture[Any]]:
+        """The futures of every job this manager holds, read from another thread (the owner is stuck)."""
+        for _ in range(10):
+            try:
+                futures = [arg.future for command, arg in list(self._inbox) if command == "job"]
+                futures.extend(job.future for job in list(self._pending))
+                for worker in list(self._workers.values()):
+                    futures.extend(job.future for job in list(worker.inflight))
+                return futures
+            except RuntimeError:  # a deque changed while we copied it: the owner moved; again
+                continue
+        return []
 
     @property
     def alive(self) -> bool:
@@ -301,16 +407,20 @@ class Manager:
         return self._broken
 
     def stats(self) -> PoolStats:
-        if not self._thread.is_alive():
-            return self._final_stats or self._snapshot()
-        request = _StatsRequest()
-        self._inbox.append(("stats", request))
-        self._wake()
-        while not request.done.wait(0.5):
-            if not self._thread.is_alive():
-                return self._final_stats or self._snapshot()
-        assert request.result is not None
-        return request.result
+        if threading.current_thread() is self._thread:
+            return self._snapshot()  # from a done- or progress callback: this thread owns the state
+        if self._thread.is_alive() and self._stuck is None:
+            request = _StatsRequest()
+            self._inbox.append(("stats", request))
+            self._wake()
+            while not request.done.wait(watchdog.TICK):
+                if not self._thread.is_alive() or self._stuck is not None:
+                    break
+            if request.result is not None:
+                return request.result
+        if self._stuck is None:
+            self._thread.join(_ABORT_WAIT)  # it is ending: its final snapshot comes in a moment
+        return self._final_stats or self._snapshot()
 
     def _wake(self) -> None:
         if self._wake_pending:
@@ -342,18 +452,15 @@ class Manager:
             now = time.monotonic()
             first = [] if self._workers else self._new_workers(self.config.min_workers, now)
             neutralize_in_child = [*_fds_of_live_managers(), parent_end.fileno()]
-            main_thread = threading.current_thread() is threading.main_thread()
-            with warnings.catch_warnings():
-                # The template exists to make this the only fork from a threaded process.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
+            parent_pid = os.getpid()
+            pid = _fork_template()
             if pid == 0:  # the template
                 serialization.process_main_refs = self.main_refs
                 serve_forked_template(
                     child_end,
                     first=[(w.worker_id, w.max_jobs or 0, end.fileno()) for w, end in first],
                     inherited=neutralize_in_child,
-                    parent_death=main_thread,
+                    parent_pid=parent_pid,
                     sys_path=list(sys.path),
                     config=self._config_bytes,
                 )
@@ -376,6 +483,7 @@ class Manager:
                     method,
                     json.dumps(sys.path),
                     json.dumps(list(self.config.preload)),
+                    str(os.getpid()),
                 ],
                 pass_fds=[fd],
                 stdin=subprocess.DEVNULL,
@@ -389,6 +497,17 @@ class Manager:
         self._selector.register(parent_end, selectors.EVENT_READ, "control")
         if method == "forkserver":  # before any SPAWN: the template loads it once for all workers
             self._send_control(wire.frame(wire.Kind.WORKER_CONFIG, self._config_bytes))
+        config = self.config
+        self._send_control(
+            wire.frame(
+                wire.Kind.LIMITS,
+                wire.LIMITS_SETTINGS.pack(
+                    config.kill_grace,
+                    config.memory_limit_per_child or 0,
+                    config.memory_check_interval,
+                ),
+            )
+        )
 
     def _stop_template(self) -> None:
         control = self._control
@@ -426,18 +545,36 @@ class Manager:
                 worker = self._workers.get(worker_id)
                 if worker is not None:
                     self._worker_exited(worker, exitcode, now)
+            elif kind == wire.Kind.LIMIT:
+                worker_id, pid, seq, reason, rss = wire.LIMIT.unpack_from(body)
+                self._limit_reached(worker_id, seq, reason, rss, now)
+
+    def _limit_reached(self, worker_id: int, seq: int, reason: int, rss: int, now: float) -> None:
+        """The template signalled a worker whose job passed its deadline or the memory limit."""
+        worker = self._workers.get(worker_id)
+        if worker is None or worker.kill_reason is not None or not worker.inflight:
+            return  # gone, or stopped for another reason first
+        head = worker.inflight[0]
+        if head.seq != seq or head.future.done():
+            return  # that job ended meanwhile; the worker's exit is reported as it comes
+        if reason == wire.LIMIT_TIMEOUT:
+            self._job_timed_out(worker, head, now)
+        else:
+            self._memory_exceeded(worker, head, rss, now)
 
     def _template_died(self, now: float) -> None:
         """The template is gone, and its workers with it (parent-death signal): restart it."""
         self._stop_template()
         for worker in list(self._workers.values()):
             self._worker_exited(worker, -signal.SIGKILL, now, why="its template process died")
-        if self._closing and not self._pending:
+        if (self._closing and not self._pending) or self._broken is not None:
             return
         try:
-            # The pool's process has threads now: never fork it again; start a fresh interpreter.
-            method = "forkserver" if self.config.start_method == "fork" else self.config.start_method
-            self._start_template(method)
+            # Started as the pool started: a fork pool's template is forked from
+            # this process again, so its workers see this process's __main__
+            # (jobs that refer to its functions by name) and the initializer's
+            # globals where jobs read them, as before. A fresh interpreter has neither.
+            self._start_template(self.config.start_method)
         except Exception as exc:
             self._break(BrokenPool(f"the pool's template process died and could not be restarted: {exc!r}"))
 
@@ -461,8 +598,12 @@ class Manager:
             self._manage_workers(time.monotonic())
             while not self._closed:
                 timeout = self._next_timeout(time.monotonic())
+                self.busy_since = None
                 events = self._selector.select(timeout)
-                now = time.monotonic()
+                now = self.busy_since = time.monotonic()
+                if self._stuck is not None:  # back from a callback the watchdog gave up on
+                    self._die(self._stuck)
+                    return
                 self._debug = self.log.enabled(logging.DEBUG)
                 for key, mask in events:
                     tag = key.data
@@ -491,22 +632,56 @@ class Manager:
                     self._stats_requests.clear()
         except BaseException as exc:  # a bug here must not leave futures hanging
             error = BrokenPool(f"poolkit's manager thread failed: {exc!r}")
-            self._break(error)
-            self._kill_everything()
-            self._fail_inbox(error)
+            error.__cause__ = exc
+            self._die(error)
             raise
         finally:
-            self._final_stats = self._snapshot()
+            try:
+                self._final_stats = self._snapshot()
+            except BaseException:
+                pass
             self._close_fds()
 
-    def _fail_inbox(self, error: BaseException) -> None:
+    def _die(self, error: BaseException) -> None:
+        """The loop cannot go on: every future fails, every process is killed.
+
+        Each step is on its own, so that one that fails (the state is suspect
+        here) cannot keep the others from running; futures come first.
+        """
+        if self._broken is None:
+            self._broken = error
+        steps: tuple[Callable[[], None], ...] = (
+            lambda: self._fail_all(error),
+            self._kill_everything,
+            lambda: self.log.warning("pool.broken", error=str(error)),
+        )
+        for step in steps:
+            try:
+                step()
+            except BaseException:
+                pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every job this manager knows of, queued, running or not yet taken from the inbox."""
+        jobs = list(self._pending)
+        self._pending.clear()
+        for worker in list(self._workers.values()):
+            jobs.extend(worker.inflight)
+            worker.inflight.clear()
         while self._inbox:
             command, arg = self._inbox.popleft()
             if command == "job":
-                self._fail(arg, error)
+                jobs.append(arg)
             elif command == "stats":
-                arg.result = self._snapshot()
-                arg.done.set()
+                self._stats_requests.append(arg)
+        for job in jobs:
+            try:
+                self._fail(job, error)
+            except BaseException:
+                pass
+        for request in self._stats_requests:
+            request.done.set()  # stats() then answers from the final snapshot
+        self._stats_requests.clear()
 
     def _drain_wake(self) -> None:
         # Empty the pipe first, then clear the flag: a submitter that still saw
@@ -532,6 +707,8 @@ class Manager:
                 self._stats_requests.append(arg)
             elif command == "terminate":
                 self._terminate(arg, now)
+            elif command == "abort":
+                self._abort(now)
             elif command == "shutdown":
                 self._closing = True
                 if arg:  # cancel_futures: the jobs not started; re-queued ones still run
@@ -553,18 +730,16 @@ class Manager:
                 soonest = when
 
         config = self.config
+        if self._spawn_retry_at > now:
+            consider(self._spawn_retry_at)
         for worker in self._workers.values():
             consider(worker.exit_deadline)
             if worker.state == STARTING and config.start_timeout is not None:
                 consider(worker.born + config.start_timeout)
             if worker.inflight and worker.state == READY:
                 head = worker.inflight[0]
-                if head.timeout is not None:
-                    consider(head.started_at + head.timeout)
                 if head.future.cancelled():
                     consider(head.started_at + _SKIP_GRACE)
-                if config.memory_limit_per_child is not None:
-                    consider(self._next_memory_check)
             if worker.state == READY and not worker.retiring:
                 if worker.lifetime is not None:
                     consider(worker.born + worker.lifetime)
@@ -593,7 +768,7 @@ class Manager:
         return sum(1 for w in self._workers.values() if w.live and w.inflight)
 
     def _manage_workers(self, now: float) -> None:
-        if self._broken is not None or self._control is None:
+        if self._broken is not None or self._control is None or now < self._spawn_retry_at:
             return
         live = starting = 0
         for worker in self._workers.values():
@@ -609,7 +784,16 @@ class Manager:
             starting += 1
 
     def _spawn(self, now: float) -> bool:
-        [(worker, child_end)] = self._new_workers(1, now)
+        try:
+            [(worker, child_end)] = self._new_workers(1, now)
+        except OSError as exc:
+            # No descriptor (EMFILE, ENFILE) or memory for a socket right now: a
+            # passing shortage, not a broken pool. Try again soon, backing off.
+            self._spawn_backoff = min(_SPAWN_BACKOFF_MAX, self._spawn_backoff * 2 or _SPAWN_BACKOFF_MIN)
+            self._spawn_retry_at = now + self._spawn_backoff
+            self.log.warning("worker.spawn_failed", error=repr(exc), retry_in=self._spawn_backoff)
+            return False
+        self._spawn_backoff = 0.0
         try:
             ok = self._send_control(
                 wire.frame(wire.Kind.SPAWN, wire.WORKER_HEAD.pack(worker.worker_id, worker.max_jobs or 0)),
@@ -690,6 +874,11 @@ class Manager:
     def _kill(self, worker: Worker, reason: str, signum: int, now: float) -> None:
         """Stop a worker now. Jobs it had not started go back to the queue."""
         if worker.state == KILLING:
+            if worker.kill_reason is None:
+                # Seen dying (end of stream) before we knew why: the template
+                # stopped it for a limit, and its LIMIT frame says so now.
+                self._count_retirement(worker, reason)
+                worker.kill_reason = reason
             if signum == signal.SIGKILL and worker.pid is not None:
                 self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signum)))
             return
@@ -1031,12 +1220,8 @@ class Manager:
         return max(_LONG_MIN, 5 * (self._ewma or 0.0))
 
     def _fire_timers(self, now: float) -> None:
+        """What is due now. Job deadlines and the memory limit are the template's (limits.py)."""
         config = self.config
-        check_memory = (
-            config.memory_limit_per_child is not None and now >= self._next_memory_check
-        )
-        if check_memory:
-            self._next_memory_check = now + config.memory_check_interval
         for worker in list(self._workers.values()):
             if worker.exit_deadline is not None and now >= worker.exit_deadline:
                 worker.exit_deadline = now + config.kill_grace
@@ -1056,22 +1241,11 @@ class Manager:
                 continue
             if worker.inflight and worker.state == READY:
                 head = worker.inflight[0]
-                # A job's timeout counts from its start, never from a worker's
-                # start-up (a worker that does not get ready is start_timeout's).
-                if head.timeout is not None and now >= head.started_at + head.timeout:
-                    self._job_timed_out(worker, head, now)
-                    continue
                 if head.future.cancelled() and now >= head.started_at + _SKIP_GRACE:
                     # Terminated while queued, but the worker started it before the
                     # CANCEL arrived (no SKIPPED came back): stop it the hard way.
                     self._kill(worker, "terminated", signal.SIGKILL, now)
                     continue
-                if check_memory and worker.pid is not None:
-                    rss = _read_rss(worker.pid)
-                    assert config.memory_limit_per_child is not None
-                    if rss > config.memory_limit_per_child:
-                        self._memory_exceeded(worker, head, rss, now)
-                        continue
             if worker.retiring or worker.state != READY:
                 continue
             if worker.lifetime is not None and now >= worker.born + worker.lifetime:
@@ -1166,8 +1340,8 @@ class Manager:
 
     def _dispatch(self, now: float) -> None:
         pending = self._pending
-        if not pending:
-            return
+        if not pending or self._broken is not None:
+            return  # a broken pool's jobs are failed, never started (the watchdog may be failing them)
         window = self._window()
         # Idle workers first: pipelining onto a busy one is only for what is left.
         ready = sorted(
@@ -1201,7 +1375,6 @@ class Manager:
                 if not worker.inflight:
                     if busy >= capacity:
                         continue
-                    busy += 1
                 elif worker.inflight[0].started_at < long_since:
                     continue  # its job runs far past the mean: queue nothing behind it
                 room = (window if worker.state == READY else 1) - len(worker.inflight)
@@ -1221,6 +1394,7 @@ class Manager:
                     progressed = True
                     continue
                 if not worker.inflight:
+                    busy += 1  # counted only now: a cancelled job dropped above takes no slot
                     job.started_at = now
                     future.worker_id = worker.worker_id
                     future.pid = worker.pid
@@ -1284,19 +1458,25 @@ class Manager:
         if self._broken is not None:
             return
         self._broken = error
-        self.log.warning("pool.broken", error=str(error))
+        # Futures first: whatever fails after this (a log, a kill), no caller waits for ever.
         while self._pending:
             self._fail(self._pending.popleft(), error)
-        now = time.monotonic()
         for worker in list(self._workers.values()):
             for job in worker.inflight:
                 self._fail(job, error)
             worker.inflight.clear()
+        self.log.warning("pool.broken", error=str(error))
+        now = time.monotonic()
+        for worker in list(self._workers.values()):
             self._kill(worker, "shutdown", signal.SIGKILL, now)
 
     def _maybe_finish(self) -> None:
-        if not self._closing or self._pending:
+        if not self._closing:
             return
+        if self._pending:
+            self._drop_settled_pending()
+            if self._pending:
+                return
         for worker in list(self._workers.values()):
             if worker.state != KILLING and not worker.inflight:
                 self._retire(worker, "shutdown")
@@ -1305,6 +1485,40 @@ class Manager:
         self._stop_template()
         self._closed = True
         self.log.info("pool.shutdown", spawned=self.counters["spawned"])
+
+    def _abort(self, now: float) -> None:
+        """Shut down now: running jobs are killed and end cancelled, queued ones are cancelled."""
+        self._closing = True
+        for worker in list(self._workers.values()):
+            if worker.inflight and worker.state != KILLING:
+                head = worker.inflight[0]
+                self._kill(worker, "shutdown", signal.SIGKILL, now)  # re-queues the others
+                if head.future._force_cancel():
+                    self.counters["cancelled"] += 1
+        for job in self._pending:
+            future = job.future
+            if job.dispatched:
+                cancelled = future._force_cancel()
+            else:
+                cancelled = future.cancel()
+                if cancelled:
+                    future.set_running_or_notify_cancel()
+            self.counters["cancelled"] += cancelled
+        self._pending.clear()
+
+    def _drop_settled_pending(self) -> None:
+        """Forget queued jobs whose futures already ended (cancelled by the caller, terminated).
+
+        Dispatch drops them as it reaches them, but only while a worker is free;
+        a pool that is shutting down must not wait for one to become free first.
+        """
+        keep: deque[Job] = deque()
+        for job in self._pending:
+            if not job.dispatched and job.future.cancelled():
+                self.counters["cancelled"] += 1
+            elif not job.future.done():
+                keep.append(job)
+        self._pending = keep
 
     def _kill_everything(self) -> None:
         for worker in list(self._workers.values()):
@@ -1328,6 +1542,7 @@ class Manager:
                     os.close(fd)
             self._wake_r = self._wake_w = -1
         _live_managers.discard(self)
+        watchdog.forget(self)
 
     # ------------------------------------------------------------ stats
 
@@ -1357,6 +1572,28 @@ class Manager:
             retired=dict(self.retired),
             **self.counters,
         )
+
+
+def _fork_template() -> int:
+    """``os.fork()`` for a template, holding the locks that the template and its workers take.
+
+    The template exists so that workers are never forked from the pool's
+    process, which has threads. The template itself is forked from it (when
+    the pool starts, and again if the template dies), so a lock that another
+    thread holds at that moment would stay held in the template and every
+    worker. The one such lock that unpickling a job takes is cloudpickle's
+    class tracker (dynamic classes); it is held across the fork, so both
+    sides see it free. The interpreter's own locks (imports, the GIL) are
+    reset by CPython after a fork.
+    """
+    tracker = getattr(sys.modules.get("cloudpickle.cloudpickle"), "_DYNAMIC_CLASS_TRACKER_LOCK", None)
+    with warnings.catch_warnings():
+        # The template exists to make this the only fork from a threaded process.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if tracker is None:
+            return os.fork()
+        with tracker:
+            return os.fork()
 
 
 def _settle(future: JobFuture[Any], value: Any, error: BaseException | None) -> None:
@@ -1397,12 +1634,39 @@ def _read_rss(pid: int) -> int:
         return 0
 
 
-def shutdown_all_at_exit(managers: Callable[[], list[Manager]] | None = None) -> None:
-    """At interpreter exit, let every pool of this process finish its jobs and stop its workers."""
-    for manager in list(_live_managers):
-        if manager.owner_pid != os.getpid() or manager.forked_away:
-            continue
-        manager.request_shutdown()
-    for manager in list(_live_managers):
-        if manager.owner_pid == os.getpid() and not manager.forked_away:
+def shutdown_all_at_exit() -> None:
+    """At interpreter exit, let every pool of this process finish its jobs and stop its workers.
+
+    After Ctrl-C ended the program, or on Ctrl-C while it waits, every pool
+    stops at once instead (queued jobs cancelled, running ones killed).
+    """
+    managers = [m for m in list(_live_managers) if m.owner_pid == os.getpid() and not m.forked_away]
+    # A program ended by Ctrl-C (an uncaught KeyboardInterrupt, which Python
+    # records as sys.last_value before exit) wants to stop, not to wait for jobs.
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    for manager in managers:
+        if interrupted:
+            manager.abort()
+        else:
+            manager.request_shutdown()
+    try:
+        for manager in managers:
             manager.join()
+    except KeyboardInterrupt:
+        for manager in managers:
+            manager.abort()
+        for manager in managers:
+            manager.join()
+
+
+def _fail_from_outside(future: JobFuture[Any], error: BaseException) -> None:
+    """Fail ``future`` from a thread other than its manager's; a future already done is left alone."""
+    try:
+        with future._condition:
+            if future.done():
+                return
+            if not future.running() and not future.set_running_or_notify_cancel():
+                return
+        future.set_exception(error)
+    except (InvalidStateError, RuntimeError):
+        pass  # its manager settled it at the same moment

@@ -66,6 +66,11 @@ class Pool(Executor):
         start_timeout: seconds a new worker has to become ready (its
             initializer included) before it is killed and counted as a failed
             start; None for no limit.
+        stall_timeout: seconds the pool's own thread may spend away from its
+            loop (inside a done- or progress callback, which run in that
+            thread) before the pool counts as stuck: every unfinished future
+            then fails with :class:`~poolkit.BrokenPool`, the workers are
+            killed, and ``shutdown()`` returns. None: wait for ever.
         name: a name for logs and stats.
     """
 
@@ -92,6 +97,7 @@ class Pool(Executor):
         kill_grace: float = 1.0,
         exit_timeout: float = 10.0,
         start_timeout: float | None = 300.0,
+        stall_timeout: float | None = 60.0,
         name: str | None = None,
     ) -> None:
         self._config = PoolConfig.build(
@@ -115,6 +121,7 @@ class Pool(Executor):
             kill_grace=kill_grace,
             exit_timeout=exit_timeout,
             start_timeout=start_timeout,
+            stall_timeout=stall_timeout,
             name=name,
         )
         for module in self._config.preload:
@@ -193,6 +200,7 @@ class Pool(Executor):
             future = JobFuture(job_id, job_type)
             future.add_done_callback(self._release_id)
         future._terminate = manager.terminate
+        future._on_cancel = manager.wake
         try:
             payload = dumps((fn, args, kwargs), manager.main_refs)
         except Exception as exc:  # unpicklable function or argument: this future only
@@ -312,8 +320,28 @@ class Pool(Executor):
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown(wait=True)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        """Shut down and wait; after Ctrl-C (``KeyboardInterrupt``), stop at once.
+
+        Leaving on any other exception waits for the jobs that run, and the
+        queued ones, as the standard library does (an abandoned ``map``
+        has already cancelled its own). Ctrl-C means "stop": queued jobs are
+        cancelled and running ones killed, their futures cancelled.
+        """
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._stop_now()
+        else:
+            self.shutdown(wait=True)
+
+    def _stop_now(self) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        if self._manager.owner_pid != os.getpid():
+            return
+        self._manager.abort()
+        self._manager.join()
 
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else "running"

@@ -38,12 +38,14 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from . import wire
 from .config import WorkerConfig
+from .limits import Enforcer, JobWatch, LimitArea
 from .worker import load_config, load_prctl, rehearse, set_parent_death_signal, worker_socket
 from .worker import serve as serve_worker
 
@@ -74,6 +76,7 @@ _EXITED_HEAD = wire.HEADER.pack(wire.EXITED.size, wire.Kind.EXITED)
 _SPAWN = int(wire.Kind.SPAWN)
 _KILL = int(wire.Kind.KILL)
 _WORKER_CONFIG = int(wire.Kind.WORKER_CONFIG)
+_LIMITS = int(wire.Kind.LIMITS)
 _FD_SIZE = array.array("i").itemsize
 _SIGKILL = int(signal.SIGKILL)
 _RESET_SIGNALS = (int(signal.SIGCHLD), int(signal.SIGINT), int(signal.SIGTERM))
@@ -90,8 +93,11 @@ class _Template:
         exec_workers: bool,
         sys_path: list[str],
         config: WorkerConfig | BaseException | None,
+        parent_pid: int,
+        area: LimitArea,
     ) -> None:
         self.control = control
+        self.parent_pid = parent_pid
         self.exec_workers = exec_workers
         self.sys_path = sys_path
         # None until the pool's WORKER_CONFIG frame arrives (a fresh-interpreter
@@ -108,9 +114,14 @@ class _Template:
         self.epoll = select.epoll()
         self.ancillary_size = socket.CMSG_SPACE(64 * _FD_SIZE)  # up to 64 sockets per read
         self.own_fds = (self.epoll.fileno(), self.wake_r, self.wake_w, control.fileno())
+        self.area = area
+        self.enforcer = Enforcer(area, self.signal_group, self.send)
+        # kill_grace, memory limit, check interval: the pool's LIMITS frame sets them.
+        self.limits: tuple[float, int | None, float] = (1.0, None, 1.0)
+        self.limits_changed = False
 
-    def run(self, started: list[tuple[int, int]]) -> None:
-        """Serve until the pool goes away; ``started``: (worker id, pid) of workers forked already."""
+    def run(self, started: list[tuple[int, int, int]]) -> None:
+        """Serve until the pool goes away; ``started``: (worker id, pid, limit slot) of workers forked already."""
         load_prctl()
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
@@ -118,16 +129,21 @@ class _Template:
         # The pool's process died (parent-death signal, SIGTERM so that it can
         # be caught): kill every worker's process group, the jobs' children too.
         signal.signal(signal.SIGTERM, self.on_parent_death)
+        missed = os.getppid() != self.parent_pid  # it died while the signal was ignored (_die_with)
         self.control.setblocking(True)
         self.epoll.register(self.control.fileno(), select.EPOLLIN)
         self.epoll.register(self.wake_r, select.EPOLLIN)
+        self.epoll.register(self.area.ring_r, select.EPOLLIN)
         # The pool is gone when the loop ends (end of stream) or the parent-death
         # signal interrupts it; whichever comes first, the other must not cut the
         # clean-up short, hence SIGTERM ignored before kill_all.
         try:
             try:
-                for worker_id, pid in started:
+                if missed:
+                    raise _ParentGone
+                for worker_id, pid, slot in started:
                     self.children[pid] = worker_id
+                    self.enforcer.add(pid, slot, worker_id)
                     self.send(_SPAWNED_HEAD + wire.SPAWNED.pack(worker_id, pid))
                 self.reap()  # one may have died before SIGCHLD had a handler here
                 self.loop()
@@ -137,8 +153,13 @@ class _Template:
             pass
         self.kill_all()
 
-    @staticmethod
-    def on_parent_death(signum: int, frame: object) -> None:
+    def on_parent_death(self, signum: int, frame: object) -> None:
+        # Linux sends the parent-death signal when the *thread* that started
+        # this process ends, and again whenever it is handed to another parent.
+        # Only a new parent means the pool's process is gone; a pool made in a
+        # thread that has since finished is still there.
+        if os.getppid() == self.parent_pid:
+            return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once
         raise _ParentGone
 
@@ -149,21 +170,27 @@ class _Template:
         # more than the Python it saves.
         control_fd = self.control.fileno()
         poll = self.epoll.poll
-        wake_r = self.wake_r
+        ring_r = self.area.ring_r
         read = os.read
+        due: float | None = None  # seconds until a limit may be due (limits.py); None: none watched
         while True:
-            for fd, _ in poll():
+            rang = False
+            for fd, _ in poll(-1 if due is None else due):
                 if fd == control_fd:
                     if not self.read_control():
                         return
                 else:
+                    rang = rang or fd == ring_r
                     try:
-                        while read(wake_r, 4096):
+                        while read(fd, 4096):
                             pass
                     except BlockingIOError:
                         pass
             if self.children:
                 self.reap()
+            if rang or due is not None or self.limits_changed:
+                self.limits_changed = False
+                due = self.enforcer.enforce(time.monotonic(), *self.limits)
 
     def read_control(self) -> bool:
         try:
@@ -186,6 +213,10 @@ class _Template:
                 pid, signum = wire.KILL.unpack_from(body)
                 if pid in self.children:
                     self.signal_group(pid, signum)
+            elif kind == _LIMITS:
+                kill_grace, memory_limit, interval = wire.LIMITS_SETTINGS.unpack_from(body)
+                self.limits = (kill_grace, memory_limit or None, interval)
+                self.limits_changed = True
             elif kind == _WORKER_CONFIG:
                 self.config = load_config(body)
                 gc.freeze()  # what it imported and built is shared by every worker (see serve)
@@ -200,14 +231,16 @@ class _Template:
                 os.kill(pid, signum)
 
     def fork_worker(self, worker_id: int, max_jobs: int, fd: int) -> None:
+        slot = self.area.take()
         pid = os.fork()
         if pid == 0:
-            self.become_worker(worker_id, max_jobs, fd)
+            self.become_worker(worker_id, max_jobs, fd, slot)
         os.close(fd)
         self.children[pid] = worker_id
+        self.enforcer.add(pid, slot, worker_id)
         self.send(_SPAWNED_HEAD + wire.SPAWNED.pack(worker_id, pid))
 
-    def become_worker(self, worker_id: int, max_jobs: int, fd: int) -> None:
+    def become_worker(self, worker_id: int, max_jobs: int, fd: int, slot: int) -> None:
         try:
             _enter_worker()
             # The template's own descriptors, closed by number: the objects that
@@ -217,8 +250,11 @@ class _Template:
                 os.close(other)
             for other in self.fds:
                 os.close(other)  # other workers' sockets: each worker holds only its own
+            area = self.area
+            os.close(area.ring_r)
             if self.exec_workers:
-                os.set_inheritable(fd, True)
+                for inherited in (fd, area.fd, area.ring_w):
+                    os.set_inheritable(inherited, True)
                 os.execv(
                     sys.executable,
                     [
@@ -227,12 +263,15 @@ class _Template:
                         "from poolkit.worker import main; main()",
                         str(fd),
                         json.dumps(self.sys_path),
+                        f"{area.fd},{area.ring_w},{slot}",
                     ],
                 )
+            os.close(area.fd)  # the mapping stays
             config = self.config
             if config is None:
                 config = RuntimeError("the template forked a worker before it had the pool's config")
-            serve_worker(worker_socket(fd), worker_id, max_jobs, config)
+            watch = JobWatch(area.slots, slot, area.ring_w, memory=False) if slot >= 0 else None
+            serve_worker(worker_socket(fd), worker_id, max_jobs, config, watch)
         except BaseException:
             import traceback
 
@@ -257,6 +296,7 @@ class _Template:
             worker_id = self.children.pop(pid, None)
             if worker_id is None:
                 continue
+            self.enforcer.remove(pid)
             # A job's own children die with their worker (unless they left its group).
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -286,13 +326,24 @@ def _enter_worker() -> None:
         _signal.signal(signum, _SIG_DFL)
 
 
-def _first_worker(fd: int, inherited: Sequence[int], worker_id: int, max_jobs: int, config: bytes) -> None:
+def _first_worker(
+    fd: int,
+    inherited: Sequence[int],
+    worker_id: int,
+    max_jobs: int,
+    config: bytes,
+    area: LimitArea,
+    slot: int,
+) -> None:
     """A worker forked by a fork template before its set-up; never returns."""
     try:
         neutralize_inherited_fds(inherited, keep={fd})
+        for other in area.template_only_fds():
+            os.close(other)
         gc.freeze()  # as the template does before later forks (see serve)
         _enter_worker()
-        serve_worker(worker_socket(fd), worker_id, max_jobs, load_config(config))
+        watch = JobWatch(area.slots, slot, area.ring_w, memory=False) if slot >= 0 else None
+        serve_worker(worker_socket(fd), worker_id, max_jobs, load_config(config), watch)
     except BaseException:
         import traceback
 
@@ -306,7 +357,7 @@ def serve_forked(
     *,
     first: Sequence[tuple[int, int, int]],
     inherited: Sequence[int],
-    parent_death: bool,
+    parent_pid: int,
     sys_path: list[str],
     config: bytes,
 ) -> None:
@@ -315,32 +366,55 @@ def serve_forked(
     ``first``: (worker id, job budget or 0, socket fd) of the workers to fork at once;
     ``config``: the pool's pickled WorkerConfig;
     ``inherited``: the pool's descriptors this process must not keep;
-    ``parent_death``: whether to die with the pool's process (only when it was
-    forked from the main thread: Linux ties the signal to the forking thread).
+    ``parent_pid``: the pool's process, which this template dies with.
 
     The first workers are forked before anything else, each cutting itself
     off from the pool's process on its own: a cold start then waits for two
     forks in a row, not for the template's set-up as well.
     """
-    started: list[tuple[int, int]] = []
+    started: list[tuple[int, int, int]] = []
     try:
+        area = LimitArea()  # before the first fork: the first workers post their jobs too
         for worker_id, max_jobs, fd in first:
+            slot = area.take()
             pid = os.fork()
             if pid == 0:
-                _first_worker(fd, inherited, worker_id, max_jobs, config)
-            started.append((worker_id, pid))
+                _first_worker(fd, inherited, worker_id, max_jobs, config, area, slot)
+            started.append((worker_id, pid, slot))
         for _, _, fd in first:
             os.close(fd)
         neutralize_inherited_fds(inherited, keep={control.fileno()})
-        if parent_death:
-            set_parent_death_signal(signal.SIGTERM)
+        _die_with(parent_pid)
         loaded = load_config(config)
     except BaseException:
         import traceback
 
         traceback.print_exc()
         os._exit(1)
-    serve(control, exec_workers=False, sys_path=sys_path, started=started, config=loaded)
+    serve(
+        control,
+        exec_workers=False,
+        sys_path=sys_path,
+        parent_pid=parent_pid,
+        area=area,
+        started=started,
+        config=loaded,
+    )
+
+
+def _die_with(parent_pid: int) -> None:
+    """Ask for SIGTERM when the pool's process ends (see ``_Template.on_parent_death``).
+
+    If it ended before the request was made, no signal will ever come: leave now.
+    Until the template's own handler is in place (``_Template.run``, which
+    looks at its parent again then), the signal is ignored: a first worker
+    can answer its first job before that, and the thread that started this
+    process may end at once, which also sends the signal.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 def neutralize_inherited_fds(poolkit_fds: Sequence[int], keep: set[int]) -> None:
@@ -388,12 +462,15 @@ def serve(
     *,
     exec_workers: bool,
     sys_path: list[str],
-    started: Sequence[tuple[int, int]] = (),
+    parent_pid: int,
+    area: LimitArea | None = None,
+    started: Sequence[tuple[int, int, int]] = (),
     config: WorkerConfig | BaseException | None = None,
 ) -> None:
     """Run the template loop; never returns (leaves through ``os._exit``).
 
-    ``started``: (worker id, pid) of workers already forked (see ``serve_forked``);
+    ``area``: the limit slots, when workers were forked before this call;
+    ``started``: (worker id, pid, limit slot) of workers already forked (see ``serve_forked``);
     ``config``: the workers' config, or None when the pool sends it (WORKER_CONFIG).
     """
     code = 0
@@ -410,7 +487,9 @@ def serve(
     # into each long-lived worker.
     gc.freeze()
     try:
-        _Template(control, exec_workers, sys_path, config).run(list(started))
+        _Template(
+            control, exec_workers, sys_path, config, parent_pid, area or LimitArea()
+        ).run(list(started))
     except BaseException:
         import traceback
 
@@ -426,11 +505,14 @@ def main() -> None:
     exec_workers = sys.argv[2] == "spawn"
     sys_path = json.loads(sys.argv[3])
     preload = json.loads(sys.argv[4])
+    parent_pid = int(sys.argv[5])
     sys.path[:] = sys_path
-    set_parent_death_signal(signal.SIGTERM)
+    _die_with(parent_pid)
     for module in preload:
         __import__(module)
-    serve(socket.socket(fileno=fd), exec_workers=exec_workers, sys_path=sys_path)
+    serve(
+        socket.socket(fileno=fd), exec_workers=exec_workers, sys_path=sys_path, parent_pid=parent_pid
+    )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ class Kind(enum.IntEnum):
     SPAWN = 20  # WORKER_HEAD (worker_id, max_jobs or 0), the worker's socket travels as SCM_RIGHTS
     KILL = 21  # <qi pid signal>
     WORKER_CONFIG = 22  # pickled WorkerConfig, once, before any SPAWN (fresh-interpreter templates)
+    LIMITS = 23  # LIMITS_SETTINGS, once: what the template enforces (limits.py)
     # template -> parent
     SPAWNED = 30  # <qq worker_id pid>
     EXITED = 31  # <qqi worker_id pid exitcode>, exitcode negative for a signal
+    LIMIT = 32  # LIMIT struct: the template stopped a worker's job (past its deadline, over memory)
 
 
 # seq, attempt, meta length, timeout (0.0 = none)
@@ -57,6 +59,17 @@ SEQ = struct.Struct("<Q")
 SPAWNED = struct.Struct("<qq")
 EXITED = struct.Struct("<qqi")
 KILL = struct.Struct("<qi")
+# worker_id, pid, seq of the job, reason, rss bytes (memory) or 0
+LIMIT = struct.Struct("<qqQBq")
+# kill_grace s, memory_limit_per_child bytes (0: none), memory_check_interval s
+LIMITS_SETTINGS = struct.Struct("<dqd")
+LIMIT_TIMEOUT = 1
+LIMIT_MEMORY = 2
+
+
+def encode_limit(worker_id: int, pid: int, seq: int, reason: int, rss: int) -> bytes:
+    """The template's LIMIT frame: it signalled worker ``pid`` for job ``seq`` (see limits.py)."""
+    return HEADER.pack(LIMIT.size, Kind.LIMIT) + LIMIT.pack(worker_id, pid, seq, reason, rss)
 
 
 def frame(kind: Kind, *parts: bytes) -> bytes:

@@ -25,11 +25,14 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, NoReturn
 
 from . import context, wire
 from .config import WorkerConfig
+from .isolation import Baseline
+from .limits import JobWatch, map_area
 from .serialization import dumps, format_exception, loads
 
 __all__ = ["load_config", "main", "rehearse", "serve", "worker_socket"]
@@ -113,6 +116,9 @@ class _Channel:
         self._pending_progress: bytes | None = None
         self._lock = threading.Lock()
         self.seq = 0  # the job running now
+        # Threads that outlived an earlier job (see Baseline.restore): their
+        # progress belongs to no job running now, and is dropped.
+        self.leftover_threads: weakref.WeakSet[threading.Thread] | None = None
 
     def send(self, data: bytes) -> None:
         with self._lock:
@@ -135,7 +141,11 @@ class _Channel:
 
     def report(self, value: Any) -> None:
         """``report_progress`` for the job running now (no closure to build per job)."""
-        self.progress(self.seq, value)
+        seq = self.seq  # read first: a thread seen here with a newer seq is in leftover_threads
+        leftover = self.leftover_threads
+        if leftover is not None and threading.current_thread() in leftover:
+            return
+        self.progress(seq, value)
 
     def progress(self, seq: int, value: Any) -> None:
         data = wire.frame(wire.Kind.PROGRESS, wire.SEQ.pack(seq), dumps(value))
@@ -166,6 +176,7 @@ def _run_job(
     body: bytes | bytearray,
     worker_id: int,
     memory: _Memory,
+    watch: JobWatch | None = None,
 ) -> None:
     seq, attempt, meta_len, timeout = wire.JOB_HEAD.unpack_from(body)
     channel.seq = seq
@@ -178,6 +189,12 @@ def _run_job(
     started = time.perf_counter()
     cpu_started = time.process_time()
     deadline = time.monotonic() + timeout if timeout else None
+    # Posted for the template, which stops the job at its deadline or over the
+    # memory limit even while the pool's process cannot act (limits.py).
+    if watch is not None and (deadline is not None or watch.memory):
+        watch.start(seq, deadline or 0.0)
+    else:
+        watch = None
     context.enter_job(
         context.JobContext(job_id, job_type, worker_id, attempt, deadline),
         channel.report,
@@ -198,6 +215,8 @@ def _run_job(
         data = _pickled_error(exc)
     finally:
         context.leave_job()
+        if watch is not None:
+            watch.stop()
     head = wire.RESULT_HEAD.pack(
         seq,
         outcome,
@@ -291,16 +310,21 @@ def _skip_job(channel: _Channel, seq: int) -> None:
 
 
 def serve(
-    sock: socket.socket, worker_id: int, max_jobs: int, config: WorkerConfig | BaseException
+    sock: socket.socket,
+    worker_id: int,
+    max_jobs: int,
+    config: WorkerConfig | BaseException,
+    watch: JobWatch | None = None,
 ) -> NoReturn:
     """Run the worker loop on ``sock`` until told to retire or the pool goes away; never returns.
 
     ``config`` is what the template loaded once for all its workers, or the
-    exception that loading it raised (reported as this worker's start failure).
+    exception that loading it raised (reported as this worker's start failure);
+    ``watch``: this worker's slot, where it posts jobs the template must watch.
     """
     sock.setblocking(True)
     channel = _Channel(sock)
-    _serve(channel, _Inbox(channel), worker_id, max_jobs, config)
+    _serve(channel, _Inbox(channel), worker_id, max_jobs, config, watch)
 
 
 def _serve(
@@ -309,10 +333,13 @@ def _serve(
     worker_id: int,
     max_jobs: int,
     config: WorkerConfig | BaseException,
+    watch: JobWatch | None,
 ) -> NoReturn:
     if isinstance(config, BaseException):
         channel.send(wire.frame(wire.Kind.INIT_FAILED, _pickled_error(config)))
         _exit(1)
+    if watch is not None:
+        watch.memory = config.memory_limit_per_child is not None
     memory = _Memory()
     # A fresh process's peak RSS is its own (a fork does not inherit the
     # parent's), so the first job needs no reset unless an initializer ran.
@@ -324,6 +351,9 @@ def _serve(
             channel.send(wire.frame(wire.Kind.INIT_FAILED, _pickled_error(exc)))
             _exit(1)
     channel.send(_READY_HEAD + wire.PID.pack(os.getpid()))
+    # After the initializer: what it set up is the state every job starts from.
+    baseline = Baseline()
+    channel.leftover_threads = baseline.leftover_threads
     limit = config.max_memory_per_child
     jobs_done = 0
     while True:
@@ -341,7 +371,8 @@ def _serve(
                 if not fresh:
                     memory.reset_peak()
                 fresh = False
-                _run_job(channel, body, worker_id, memory)
+                _run_job(channel, body, worker_id, memory, watch)
+                channel.leftover_threads = baseline.restore()
             jobs_done += 1
             if jobs_done == max_jobs:
                 # The pool sends no more than max_jobs and expects this exit;
@@ -387,10 +418,13 @@ def rehearse(rounds: int = 8) -> None:
     in a forked worker every such write is a copy-on-write page fault. Done
     once here, those writes are already in the memory every worker is forked
     from. Nothing is left behind: the job is a no-op, the per-job environment
-    variables are set and cleared as in a worker, and every descriptor is closed.
+    variables are set and cleared as in a worker, every descriptor is closed,
+    and the between-jobs reset finds nothing to put back (a timer armed
+    before the rehearsal is part of its baseline, and is left alone).
     """
     ours, theirs = socket.socketpair()
     memory = _Memory()
+    baseline = Baseline()
     try:
         channel = _Channel(ours)
         inbox = _Inbox(channel)
@@ -403,6 +437,7 @@ def rehearse(rounds: int = 8) -> None:
             assert item is not None
             memory.reset_peak()
             _run_job(channel, item[1], 0, memory)
+            baseline.restore()
             theirs.recv(1 << 16)
     finally:
         memory.close()
@@ -441,6 +476,13 @@ def main(argv: list[str] | None = None) -> None:
     fd = int(args[0])
     if len(args) > 1:
         sys.path[:] = json.loads(args[1])
+    watch = None
+    if len(args) > 2:  # the template's limit area, its wake-up pipe, this worker's slot
+        area_fd, ring_w, slot = (int(part) for part in args[2].split(","))
+        slots = map_area(area_fd)
+        os.set_inheritable(ring_w, False)
+        if slot >= 0:
+            watch = JobWatch(slots, slot, ring_w, memory=False)
     sock = worker_socket(fd)
     sock.setblocking(True)
     channel = _Channel(sock)
@@ -451,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     body = first[1]
     worker_id, max_jobs = wire.WORKER_HEAD.unpack_from(body)
     config = load_config(memoryview(body)[wire.WORKER_HEAD.size :])
-    _serve(channel, inbox, worker_id, max_jobs, config)
+    _serve(channel, inbox, worker_id, max_jobs, config, watch)
 
 
 if __name__ == "__main__":

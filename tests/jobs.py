@@ -391,3 +391,37 @@ def poolkit_env() -> dict[str, str | None]:
         name: os.environ.get(name)
         for name in ("POOLKIT_JOB_ID", "POOLKIT_JOB_TYPE", "POOLKIT_WORKER_ID")
     }
+
+
+def report_then(values: list[Any]) -> int:
+    """Report each value as progress, then return how many there were."""
+    import poolkit
+
+    for value in values:
+        poolkit.report_progress(value)
+    return len(values)
+
+
+def note_sigterm_then_sleep(started: str, stopped: str, seconds: float = 60.0) -> None:
+    """Write ``started``; on SIGTERM write the monotonic time to ``stopped`` and exit; else sleep."""
+
+    def on_term(signum: int, frame: Any) -> None:
+        write_line(stopped, repr(time.monotonic()))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    write_line(started, "started")
+    time.sleep(seconds)
+
+
+def grow_then_sleep(started: str, mib: int, seconds: float = 60.0) -> int:
+    """Write ``started``, allocate and touch ``mib`` MiB as fast as possible, then sleep holding it."""
+    write_line(started, "started")
+    blocks = [bytearray(16 << 20) for _ in range(mib // 16)]
+    time.sleep(seconds)
+    return len(blocks)
+
+
+def value_and_pid_and_parent(x: Any) -> tuple[Any, int]:
+    """``x`` and the pid of this worker's parent (its template)."""
+    return x, os.getppid()

@@ -1,0 +1,180 @@
+"""Job deadlines and the hard memory limit, enforced by the template, not by the pool's process.
+
+Why here: the pool's manager is a thread in the caller's process. While the
+caller holds the GIL in one long C call (``sum(range(10**9))``, a big numpy
+operation that does not release it), that thread cannot run, so a limit it
+enforced would wait for the caller: a job could grow far past
+``memory_limit_per_child``, or run far past its timeout. The template is a
+process of its own that does nothing else, so it is always there to act.
+
+How: the template owns a small shared memory area (an anonymous ``memfd``,
+one page) with one slot per worker, and the read end of a pipe. A worker
+writes its slot as a *watched* job starts (a job with a timeout, or any job
+of a pool with ``memory_limit_per_child``): the job's sequence number and its
+deadline; then it writes one byte to the pipe, which wakes the template. When
+the job ends it clears the slot. The template (:class:`Enforcer`) knows from
+the slots when the next thing is due, and then:
+
+* at a job's deadline: SIGTERM to the worker's process group, SIGKILL
+  ``kill_grace`` seconds later if it is still there;
+* every ``memory_check_interval`` while a watched job runs: the worker's RSS
+  from ``/proc``, and SIGKILL when it is above the limit.
+
+Each action is reported to the pool (a LIMIT frame, before the worker's
+EXITED), which fails the job with ``JobTimeout`` or ``MemoryLimitExceeded``
+(or retries it) when it next runs. Jobs that are not watched cost one branch.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import struct
+from collections.abc import Callable
+
+from . import wire
+
+__all__ = ["SLOTS", "Enforcer", "JobWatch", "LimitArea"]
+
+# seq of the running watched job (0: none), its deadline (time.monotonic(); 0.0: none)
+SLOT = struct.Struct("<Qd")
+_SIZE = 4096
+SLOTS = _SIZE // SLOT.size
+_NEVER = float("inf")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class LimitArea:
+    """The shared slots and the wake-up pipe; made by the template, inherited by its workers."""
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("poolkit-limits", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, _SIZE)
+        self.slots = mmap.mmap(self.fd, _SIZE)
+        self.ring_r, self.ring_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._free = list(range(SLOTS - 1, -1, -1))
+
+    def take(self) -> int:
+        """A free slot for a new worker, or -1 when all are taken (that worker is not watched)."""
+        return self._free.pop() if self._free else -1
+
+    def give_back(self, index: int) -> None:
+        if index >= 0:
+            SLOT.pack_into(self.slots, index * SLOT.size, 0, 0.0)
+            self._free.append(index)
+
+    def template_only_fds(self) -> tuple[int, int]:
+        """What a worker closes: it writes through its mapping and rings through ``ring_w``."""
+        return (self.fd, self.ring_r)
+
+
+class JobWatch:
+    """A worker's own slot: it posts the watched job it runs."""
+
+    __slots__ = ("_offset", "_ring", "_slots", "memory")
+
+    def __init__(self, slots: mmap.mmap, index: int, ring_w: int, memory: bool) -> None:
+        self._slots = slots
+        self._offset = index * SLOT.size
+        self._ring = ring_w
+        self.memory = memory  # the pool has a memory limit: every job is watched
+
+    def start(self, seq: int, deadline: float) -> None:
+        SLOT.pack_into(self._slots, self._offset, seq, deadline)
+        try:
+            os.write(self._ring, b"\0")
+        except OSError:
+            pass  # a full pipe already wakes the template
+
+    def stop(self) -> None:
+        SLOT.pack_into(self._slots, self._offset, 0, 0.0)
+
+
+def map_area(fd: int) -> mmap.mmap:
+    """In a worker that exec'd a fresh interpreter: map the area whose descriptor it inherited."""
+    slots = mmap.mmap(fd, _SIZE)
+    os.close(fd)
+    return slots
+
+
+class Enforcer:
+    """The template's side: reads the slots, signals workers past a limit, reports what it did."""
+
+    def __init__(
+        self,
+        area: LimitArea,
+        signal_group: Callable[[int, int], None],
+        report: Callable[[bytes], None],
+    ) -> None:
+        self.area = area
+        self.signal_group = signal_group
+        self.report = report
+        self.slot_of: dict[int, tuple[int, int]] = {}  # pid -> (slot, worker_id)
+        self.kill_at: dict[int, float] = {}  # pid -> when SIGKILL follows a SIGTERM
+        self.acted: set[int] = set()  # pids already reported (one LIMIT frame per worker)
+        self.next_memory_check = 0.0
+
+    def add(self, pid: int, slot: int, worker_id: int) -> None:
+        if slot >= 0:
+            self.slot_of[pid] = (slot, worker_id)
+
+    def remove(self, pid: int) -> None:
+        entry = self.slot_of.pop(pid, None)
+        if entry is not None:
+            self.area.give_back(entry[0])
+        self.kill_at.pop(pid, None)
+        self.acted.discard(pid)
+
+    def enforce(
+        self, now: float, kill_grace: float, memory_limit: int | None, memory_interval: float
+    ) -> float | None:
+        """Act on what is due; return how many seconds until the next thing may be, or None."""
+        soonest = _NEVER
+        slots = self.area.slots
+        check_memory = memory_limit is not None and now >= self.next_memory_check
+        busy = False
+        for pid, (slot, worker_id) in list(self.slot_of.items()):
+            kill_at = self.kill_at.get(pid)
+            if kill_at is not None:
+                if now >= kill_at:
+                    self.signal_group(pid, signal.SIGKILL)
+                    self.kill_at[pid] = _NEVER
+                else:
+                    soonest = min(soonest, kill_at)
+                continue
+            seq, deadline = SLOT.unpack_from(slots, slot * SLOT.size)
+            if not seq or pid in self.acted:
+                continue
+            busy = True
+            if deadline and now >= deadline:
+                self.signal_group(pid, signal.SIGTERM)
+                self.kill_at[pid] = now + kill_grace
+                soonest = min(soonest, now + kill_grace)
+                self._acted(worker_id, pid, seq, wire.LIMIT_TIMEOUT, 0)
+                continue
+            if deadline:
+                soonest = min(soonest, deadline)
+            if check_memory and memory_limit is not None:
+                rss = _rss(pid)
+                if rss > memory_limit:
+                    self.signal_group(pid, signal.SIGKILL)
+                    self.kill_at[pid] = _NEVER
+                    self._acted(worker_id, pid, seq, wire.LIMIT_MEMORY, rss)
+        if memory_limit is not None and busy:
+            if check_memory:
+                self.next_memory_check = now + memory_interval
+            soonest = min(soonest, self.next_memory_check)
+        return None if soonest == _NEVER else max(0.0, soonest - now)
+
+    def _acted(self, worker_id: int, pid: int, seq: int, reason: int, rss: int) -> None:
+        self.acted.add(pid)
+        self.report(wire.encode_limit(worker_id, pid, seq, reason, rss))
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
