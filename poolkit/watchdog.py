@@ -59,6 +59,8 @@ def forget(manager: Manager) -> None:
 def _forget_after_fork() -> None:
     # Neither the watchdog thread nor the pools it watched exist in a forked child.
     global _cond, _thread_pid
+    if _thread_pid is None and not _watched:
+        return  # nothing to forget (a template forking workers): allocate nothing
     _cond = threading.Condition()
     _watched.clear()
     _thread_pid = None
