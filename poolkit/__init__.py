@@ -13,6 +13,7 @@ from .errors import (
     MemoryLimitExceeded,
     PoolkitError,
     RemoteTraceback,
+    UnpicklingFailed,
     WorkerCrashed,
 )
 from .executor import ProcessPoolExecutor
@@ -37,6 +38,7 @@ __all__ = [
     "PoolkitError",
     "ProcessPoolExecutor",
     "RemoteTraceback",
+    "UnpicklingFailed",
     "WorkerCrashed",
     "WorkerInfo",
     "__version__",

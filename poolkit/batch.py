@@ -150,6 +150,14 @@ class _OrderedFeeder:
             chunksize = 1
         self.chunker = Chunker(chunksize, workers, len(items))
         self.max_in_flight = workers * 2 + 2
+        # A subclass or wrapper that overrides submit() (a progress bar counting
+        # jobs, say) expects map() to go through it, as the standard library's
+        # map does: then every chunk is submitted at once, through submit().
+        from .pool import Pool
+
+        self.through_submit = type(pool).submit is not Pool.submit
+        if self.through_submit:
+            self.max_in_flight = len(items) + 1
         self.in_flight = 0
         self.chunks: list[tuple[Future[list[Any]], int]] = []
         self.stopped = False
@@ -172,16 +180,19 @@ class _OrderedFeeder:
                 chunk = self.items[self.position : self.position + size]
                 self.position += len(chunk)
                 try:
-                    future = self.pool._submit(
-                        self.runner,
-                        (self.fn, chunk),
-                        {},
-                        None,
-                        None,
-                        None,
-                        0,
-                        accepted_before_shutdown=not first,
-                    )
+                    if self.through_submit:
+                        future = self.pool.submit(self.runner, self.fn, chunk)
+                    else:
+                        future = self.pool._submit(
+                            self.runner,
+                            (self.fn, chunk),
+                            {},
+                            None,
+                            None,
+                            None,
+                            0,
+                            accepted_before_shutdown=not first,
+                        )
                 except (RuntimeError, BrokenExecutor) as error:
                     self.stopped = True  # the pool shut down or broke under us
                     self.error = error
@@ -270,9 +281,13 @@ def _map_results(feeder: _OrderedFeeder, deadline: float | None, total: int) -> 
             results = future.result(remaining)
             index += 1
             seen += count
-            # Drop the reference so a long map does not keep every result alive.
+            # Drop the references so a long map does not keep every result alive:
+            # the chunk's future, and each result once it has been handed out.
             feeder.chunks[index - 1] = (_DONE, count)
-            yield from results
+            del future
+            results.reverse()
+            while results:
+                yield results.pop()
     finally:
         if seen < total:
             feeder.stop()

@@ -63,7 +63,7 @@ def _positive_int(value: object, name: str, *, allow_none: bool = True) -> int |
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value <= 0:
-        raise ValueError(f"{name} must be at least 1, got {value!r}")
+        raise ValueError(f"{name} must be greater than 0, got {value!r}")
     return value
 
 
@@ -94,6 +94,9 @@ class WorkerConfig:
     max_memory_per_child: int | None
     pool_name: str
     memory_limit_per_child: int | None = None  # a worker then posts every job for the template
+    # The pool's multiprocessing authkey, for workers that are not forks of its
+    # process (manager proxies passed to jobs authenticate with it); None: inherited.
+    authkey: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,7 @@ class PoolConfig:
             stall_timeout=_positive_seconds(stall_timeout, "stall_timeout"),
         )
 
-    def worker_config(self) -> WorkerConfig:
+    def worker_config(self, authkey: bytes | None = None) -> WorkerConfig:
         return WorkerConfig(
             initializer=self.initializer,
             initargs=self.initargs,
@@ -230,6 +233,7 @@ class PoolConfig:
             max_memory_per_child=self.max_memory_per_child,
             pool_name=self.name,
             memory_limit_per_child=self.memory_limit_per_child,
+            authkey=authkey,
         )
 
 

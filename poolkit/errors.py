@@ -11,9 +11,10 @@ itself, with the worker's traceback attached as ``__cause__``.
 
 from __future__ import annotations
 
+import pickle
 import signal
 from concurrent.futures import BrokenExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
 __all__ = [
     "BrokenPool",
@@ -21,6 +22,7 @@ __all__ = [
     "MemoryLimitExceeded",
     "PoolkitError",
     "RemoteTraceback",
+    "UnpicklingFailed",
     "WorkerCrashed",
     "describe_exit",
 ]
@@ -123,11 +125,26 @@ class BrokenPool(BrokenExecutor, PoolkitError):
     """
 
 
-class RemoteTraceback(Exception):
-    """Carries the worker's formatted traceback; attached as ``__cause__`` of a job's exception."""
+class UnpicklingFailed(BrokenProcessPool, pickle.UnpicklingError, PoolkitError):
+    """A job's function or arguments would not unpickle in its worker, or its result in your process.
+
+    The standard library's executor reports both as ``BrokenProcessPool``
+    (and breaks); poolkit fails only this job, with an error that is a
+    ``BrokenProcessPool`` and a ``pickle.UnpicklingError`` at once, so either
+    ``except`` clause catches it. The unpickling error itself is ``__cause__``.
+    The pool, and the worker, go on.
+    """
+
+
+class RemoteTraceback(_RemoteTraceback):
+    """Carries the worker's formatted traceback; attached as ``__cause__`` of a job's exception.
+
+    A subclass of the standard library's own (``concurrent.futures.process._RemoteTraceback``),
+    so code that looks for that class finds this one.
+    """
 
     def __init__(self, tb: str) -> None:
-        super().__init__(tb)
+        Exception.__init__(self, tb)  # the stdlib class takes the text too (its stub says otherwise)
         self.tb = tb
 
     def __str__(self) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import multiprocessing
 import os
 import random
 import selectors
@@ -42,7 +43,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
-from pickle import UnpicklingError
 from typing import Any
 
 from . import serialization, watchdog, wire
@@ -51,12 +51,13 @@ from .errors import (
     BrokenPool,
     JobTimeout,
     MemoryLimitExceeded,
+    UnpicklingFailed,
     WorkerCrashed,
     describe_exit,
 )
 from .futures import JobFuture
 from .logs import EventLog
-from .serialization import MainRefs, attach_remote_traceback, dumps, loads, snapshot_main
+from .serialization import MainRefs, attach_remote_traceback, loads, snapshot_main
 from .stats import PoolStats, WorkerInfo
 
 # Everything the fork template and its workers run is imported here, in the
@@ -295,6 +296,8 @@ class Manager:
         self._spawn_retry_at = 0.0  # no spawn before this (a socket could not be made)
         self._spawn_backoff = 0.0
         self._stuck: BrokenPool | None = None  # set by the watchdog thread, once
+        # Why submit() is refused although the pool was not shut down (the interpreter is exiting).
+        self.refusing: str | None = None
         _live_managers.add(self)
         self._start_template(config.start_method)
         self._thread = threading.Thread(
@@ -320,6 +323,8 @@ class Manager:
         self._wake()
         if self._stuck is not None:  # the watchdog may have looked at the inbox before this job
             _fail_from_outside(job.future, self._stuck)
+        elif self._closed:  # the loop ended after the caller's checks; it reads no inbox any more
+            _fail_from_outside(job.future, RuntimeError("cannot schedule new futures after shutdown"))
 
     def wake(self) -> None:
         """Look at the queue again (a queued future was cancelled: shutdown may be able to finish)."""
@@ -331,6 +336,15 @@ class Manager:
 
     def request_shutdown(self, cancel_futures: bool = False) -> None:
         self._inbox.append(("shutdown", cancel_futures))
+        self._wake()
+
+    @property
+    def template_pid(self) -> int | None:
+        return self._template_pid
+
+    def signal_workers(self, signum: int) -> None:
+        """Send ``signum`` to every worker now; the jobs they run fail, and they are replaced."""
+        self._inbox.append(("signal_workers", signum))
         self._wake()
 
     def abort(self) -> None:
@@ -443,9 +457,12 @@ class Manager:
         self._exec_workers = method == "spawn"
         if method == "fork":
             self.main_refs = snapshot_main()
-            # The initializer and finalizer travel by reference when the template's
-            # __main__ has them, so the globals they set are the ones jobs read.
-            self._config_bytes = dumps(self.config.worker_config(), self.main_refs)
+            # The template is a copy of this process: it takes the config as it is
+            # in memory, nothing pickled, as the standard library's fork workers
+            # take their initargs. So multiprocessing's queues and locks work as
+            # initargs, and the initializer and finalizer are this process's own
+            # objects: the globals they set are the ones jobs read.
+            worker_config = self.config.worker_config()
             # The first workers' sockets are made now and inherited by the
             # template, which forks those workers as soon as it starts: a cold
             # start then waits neither for this thread nor for a SPAWN round trip.
@@ -462,7 +479,7 @@ class Manager:
                     inherited=neutralize_in_child,
                     parent_pid=parent_pid,
                     sys_path=list(sys.path),
-                    config=self._config_bytes,
+                    config=worker_config,
                 )
             self._template_pid = pid
             for worker, end in first:
@@ -474,6 +491,14 @@ class Manager:
 
             self.main_refs = {}  # a fresh interpreter shares no __main__ objects with us
             fd = child_end.fileno()
+            # Pickled as multiprocessing pickles a new process's arguments, so its
+            # queues, locks and manager proxies can be initargs: the descriptors
+            # they hold are passed to the template at the same numbers, and every
+            # worker inherits them; the workers also get this process's authkey.
+            self._config_bytes, shared_fds = serialization.dumps_for_new_process(
+                self.config.worker_config(authkey=bytes(multiprocessing.current_process().authkey)),
+                self.main_refs,
+            )
             self._template_popen = subprocess.Popen(
                 [
                     sys.executable,
@@ -485,11 +510,10 @@ class Manager:
                     json.dumps(list(self.config.preload)),
                     str(os.getpid()),
                 ],
-                pass_fds=[fd],
+                pass_fds=[fd, *shared_fds],
                 stdin=subprocess.DEVNULL,
             )
             self._template_pid = self._template_popen.pid
-            self._config_bytes = dumps(self.config.worker_config(), self.main_refs)
         child_end.close()
         parent_end.setblocking(True)
         self._control = parent_end
@@ -636,6 +660,9 @@ class Manager:
             self._die(error)
             raise
         finally:
+            self._closed = True
+            if self._inbox:  # taken after the loop's last look: refused (see submit)
+                self._fail_all(RuntimeError("cannot schedule new futures after shutdown"))
             try:
                 self._final_stats = self._snapshot()
             except BaseException:
@@ -709,6 +736,9 @@ class Manager:
                 self._terminate(arg, now)
             elif command == "abort":
                 self._abort(now)
+            elif command == "signal_workers":
+                for worker in list(self._workers.values()):
+                    self._kill(worker, "terminated", arg, now)
             elif command == "shutdown":
                 self._closing = True
                 if arg:  # cancel_futures: the jobs not started; re-queued ones still run
@@ -1200,8 +1230,15 @@ class Manager:
                 return
             exc, tb = loads(payload)
             attach_remote_traceback(exc, tb)
+            if outcome == wire.OUTCOME_NOT_LOADED:
+                cause = exc
+                exc = UnpicklingFailed(
+                    f"the function or arguments of job {future.job_id} could not be unpickled "
+                    f"in its worker: {cause!r}"
+                )
+                exc.__cause__ = cause
         except BaseException as error:  # SystemExit from a hostile __reduce__ too: this job only
-            exc = UnpicklingError(
+            exc = UnpicklingFailed(
                 f"the result of job {future.job_id} could not be unpickled in the parent: {error!r}"
             )
             exc.__cause__ = error
@@ -1645,6 +1682,7 @@ def shutdown_all_at_exit() -> None:
     # records as sys.last_value before exit) wants to stop, not to wait for jobs.
     interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     for manager in managers:
+        manager.refusing = "cannot schedule new futures after interpreter shutdown"
         if interrupted:
             manager.abort()
         else:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import multiprocessing
+import multiprocessing.context
 import os
+import signal
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -22,6 +25,7 @@ from .config import PoolConfig
 from .errors import BrokenPool
 from .futures import JobFuture
 from .manager import Job, Manager, shutdown_all_at_exit
+from .processes import WorkerProcess
 from .serialization import dumps
 from .stats import PoolStats
 
@@ -183,6 +187,8 @@ class Pool(Executor):
         manager = self._manager
         if self._shutdown and not accepted_before_shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if manager.refusing is not None:
+            raise RuntimeError(manager.refusing)
         if manager.forked_away:  # set in a forked child by os.register_at_fork
             raise RuntimeError(
                 f"this pool belongs to process {manager.owner_pid}; a forked child cannot use it"
@@ -296,6 +302,40 @@ class Pool(Executor):
     def stats(self) -> PoolStats:
         """A snapshot of the workers and counters; cheap enough to call every second."""
         return self._manager.stats()
+
+    # ------------------------------------------------ what stdlib code reaches for
+
+    @property
+    def _max_workers(self) -> int:
+        """``max_workers``, under the standard library's attribute name (Dask, CPython's tests read it)."""
+        return self._config.max_workers
+
+    @property
+    def _mp_context(self) -> multiprocessing.context.BaseContext:
+        """The ``multiprocessing`` context of this pool's start method, as the standard library keeps it."""
+        return multiprocessing.get_context(self._config.start_method)
+
+    @property
+    def _processes(self) -> dict[int, WorkerProcess]:
+        """The live workers by pid, each like a ``multiprocessing.Process`` (see ``poolkit.processes``)."""
+        template = self._manager.template_pid
+        return {
+            w.pid: WorkerProcess(w.pid, w.worker_id, template)
+            for w in self.stats().workers
+            if w.pid and w.state != "killing"
+        }
+
+    def terminate_workers(self) -> None:
+        """SIGTERM to every worker (Python 3.14's executor method); their jobs fail, the pool goes on.
+
+        The standard library's version also shuts the executor down; poolkit
+        replaces the workers instead, so the pool stays usable.
+        """
+        self._manager.signal_workers(signal.SIGTERM)
+
+    def kill_workers(self) -> None:
+        """SIGKILL to every worker (Python 3.14's executor method); as :meth:`terminate_workers`."""
+        self._manager.signal_workers(signal.SIGKILL)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking jobs; finish those queued (unless ``cancel_futures``), retire every worker.

@@ -58,6 +58,55 @@ _NO_MAIN_REFS: MainRefs = {}
 process_main_refs: MainRefs = {}
 
 
+class _DupFd:
+    """A descriptor in a pickle for a new process: the same number there (see dumps_for_new_process)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def detach(self) -> int:
+        return self.fd
+
+
+class _NewProcess:
+    """Stands in for multiprocessing's spawning ``Popen`` while a pickle for a new process is made.
+
+    multiprocessing lets its queues, locks, pipes and manager proxies be
+    pickled only "for a new process" (``assert_spawning``): their
+    descriptors are then listed here, to be passed to that process at the
+    same numbers, and proxies carry the authkey.
+    """
+
+    DupFd = _DupFd
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+
+def dumps_for_new_process(obj: Any, main_refs: MainRefs) -> tuple[bytes, list[int]]:
+    """Pickle ``obj`` for a process started from a fresh interpreter; return the descriptors it needs."""
+    import copyreg
+    from multiprocessing import context, reduction
+
+    new_process = _NewProcess()
+    collector = _Collector()
+    pickler = _JobPickler(collector, protocol=PROTOCOL)
+    pickler.main_refs = main_refs
+    # multiprocessing's own reducers (connections, sockets): by descriptor.
+    extra = getattr(reduction.ForkingPickler, "_extra_reducers", {})
+    pickler.dispatch_table = {**copyreg.dispatch_table, **extra}
+    context.set_spawning_popen(new_process)  # type: ignore[arg-type]  # duck-typed, as multiprocessing uses it
+    try:
+        pickler.dump(obj)
+    finally:
+        context.set_spawning_popen(None)
+    return collector.take(), new_process.fds
+
+
 def snapshot_main() -> MainRefs:
     """The functions and classes defined at the top level of ``__main__`` right now.
 
@@ -81,6 +130,35 @@ def snapshot_main() -> MainRefs:
     return refs
 
 
+def load_main_function(data: bytes) -> types.FunctionType:
+    """Load a function of the caller's ``__main__`` that travelled by value, as a function of this ``__main__``.
+
+    cloudpickle gives a function it pickles by value a globals dict of its
+    own, one per pickle: an initializer that sets a global and a job that
+    reads it (the standard library's idiom) would each see a different
+    dict, and the job the old value. Rebuilt over this process's own
+    ``__main__`` namespace, every such function shares one, as functions of
+    one module do. The globals it brought along are added only where this
+    process has none, so a value an initializer set is never overwritten by
+    the caller's copy.
+    """
+    func = cloudpickle.loads(data)
+    namespace = sys.modules["__main__"].__dict__
+    for name, value in func.__globals__.items():
+        if name not in namespace:
+            namespace[name] = value
+    rebuilt = types.FunctionType(
+        func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__
+    )
+    rebuilt.__kwdefaults__ = func.__kwdefaults__
+    rebuilt.__qualname__ = func.__qualname__
+    rebuilt.__doc__ = func.__doc__
+    rebuilt.__annotations__ = func.__annotations__
+    rebuilt.__dict__.update(func.__dict__)
+    rebuilt.__module__ = "__main__"
+    return rebuilt
+
+
 class _JobPickler(pickle.Pickler):
     main_refs: MainRefs = _NO_MAIN_REFS
 
@@ -91,6 +169,8 @@ class _JobPickler(pickle.Pickler):
             if getattr(obj, "__module__", None) == "__main__":
                 if self.main_refs.get(obj.__qualname__) is obj:
                     return NotImplemented  # the other side's __main__ has this very object
+                if obj.__class__ is types.FunctionType:
+                    return load_main_function, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
                 return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
             if not _importable(obj):
                 return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)

@@ -331,7 +331,7 @@ def _first_worker(
     inherited: Sequence[int],
     worker_id: int,
     max_jobs: int,
-    config: bytes,
+    config: WorkerConfig,
     area: LimitArea,
     slot: int,
 ) -> None:
@@ -343,7 +343,7 @@ def _first_worker(
         gc.freeze()  # as the template does before later forks (see serve)
         _enter_worker()
         watch = JobWatch(area.slots, slot, area.ring_w, memory=False) if slot >= 0 else None
-        serve_worker(worker_socket(fd), worker_id, max_jobs, load_config(config), watch)
+        serve_worker(worker_socket(fd), worker_id, max_jobs, config, watch)
     except BaseException:
         import traceback
 
@@ -359,12 +359,12 @@ def serve_forked(
     inherited: Sequence[int],
     parent_pid: int,
     sys_path: list[str],
-    config: bytes,
+    config: WorkerConfig,
 ) -> None:
     """Run a template that has just been forked from the pool's process; never returns.
 
     ``first``: (worker id, job budget or 0, socket fd) of the workers to fork at once;
-    ``config``: the pool's pickled WorkerConfig;
+    ``config``: the pool's WorkerConfig, as it is in the pool's memory (nothing pickled);
     ``inherited``: the pool's descriptors this process must not keep;
     ``parent_pid``: the pool's process, which this template dies with.
 
@@ -385,7 +385,6 @@ def serve_forked(
             os.close(fd)
         neutralize_inherited_fds(inherited, keep={control.fileno()})
         _die_with(parent_pid)
-        loaded = load_config(config)
     except BaseException:
         import traceback
 
@@ -398,7 +397,7 @@ def serve_forked(
         parent_pid=parent_pid,
         area=area,
         started=started,
-        config=loaded,
+        config=config,
     )
 
 

@@ -53,6 +53,7 @@ RESULT_HEAD = struct.Struct("<QBddqq")
 OUTCOME_VALUE = 1
 OUTCOME_ERROR = 0
 OUTCOME_SKIPPED = 2  # a cancelled job the worker did not start
+OUTCOME_NOT_LOADED = 3  # the job's function or arguments would not unpickle: (exception, traceback)
 WORKER_HEAD = struct.Struct("<qq")
 PID = struct.Struct("<q")
 SEQ = struct.Struct("<Q")

@@ -44,16 +44,24 @@ _READY_HEAD = wire.HEADER.pack(wire.PID.size, wire.Kind.READY)
 
 
 def _pickled_error(exc: BaseException) -> bytes:
-    """Pickle (exception, traceback text); fall back to a plain RuntimeError if the exception will not pickle."""
+    """Pickle (exception, traceback text).
+
+    An exception that will not pickle is replaced by the pickling error, of
+    its own type (as the standard library's executor reports it), whose
+    message names the original; the traceback text is the original's.
+    """
     tb = format_exception(exc)
     try:
         return dumps((exc, tb))
     except Exception as pickling_error:
-        fallback = RuntimeError(
-            f"{type(exc).__name__}: {exc} (the original exception could not be pickled: "
-            f"{pickling_error!r})"
+        note = (
+            f"{type(exc).__name__}: {exc} (the job's exception could not be pickled: "
+            f"{pickling_error})"
         )
-        return dumps((fallback, tb))
+        try:
+            return dumps((type(pickling_error)(note), tb))
+        except Exception:
+            return dumps((RuntimeError(note), tb))
 
 
 _NOT_OPENED = -1  # a /proc file not tried yet; None: tried, and it would not open
@@ -200,16 +208,21 @@ def _run_job(
         channel.report,
     )
     try:
-        fn, args, kwargs = loads(payload)
-        del payload
-        value = fn(*args, **kwargs)
-        outcome = wire.OUTCOME_VALUE
         try:
-            data = dumps(value)
-        except BaseException as exc:  # the result itself will not pickle
-            outcome = wire.OUTCOME_ERROR
+            fn, args, kwargs = loads(payload)
+        except BaseException as exc:  # SystemExit from a hostile __reduce__ too
+            outcome = wire.OUTCOME_NOT_LOADED
             data = _pickled_error(exc)
-        del value
+        else:
+            del payload
+            value = fn(*args, **kwargs)
+            outcome = wire.OUTCOME_VALUE
+            try:
+                data = dumps(value)
+            except BaseException as exc:  # the result itself will not pickle
+                outcome = wire.OUTCOME_ERROR
+                data = _pickled_error(exc)
+            del value
     except BaseException as exc:  # the job's own exception, SystemExit included
         outcome = wire.OUTCOME_ERROR
         data = _pickled_error(exc)
@@ -340,6 +353,10 @@ def _serve(
         _exit(1)
     if watch is not None:
         watch.memory = config.memory_limit_per_child is not None
+    if config.authkey is not None:  # not a fork of the pool's process: take its authkey
+        import multiprocessing
+
+        multiprocessing.current_process().authkey = config.authkey
     memory = _Memory()
     # A fresh process's peak RSS is its own (a fork does not inherit the
     # parent's), so the first job needs no reset unless an initializer ran.

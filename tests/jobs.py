@@ -425,3 +425,66 @@ def grow_then_sleep(started: str, mib: int, seconds: float = 60.0) -> int:
 def value_and_pid_and_parent(x: Any) -> tuple[Any, int]:
     """``x`` and the pid of this worker's parent (its template)."""
     return x, os.getppid()
+
+
+_KEPT: Any = None
+
+
+def init_keep(value: Any) -> None:
+    """Initializer: keep ``value`` for later jobs of this worker."""
+    global _KEPT
+    _KEPT = value
+
+
+def kept_type_name() -> str:
+    """The type name of what ``init_keep`` kept."""
+    return type(_KEPT).__name__
+
+
+class Token:
+    """A result object a test can hold a weak reference to."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def make_token(n: int) -> Token:
+    return Token(n)
+
+
+class UnpicklableError(Exception):
+    """An exception that carries a lock, so it cannot be pickled back."""
+
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable() -> None:
+    raise UnpicklableError()
+
+
+def put_in_queue(queue: Any, value: Any) -> Any:
+    queue.put(value)
+    return value
+
+
+_QUEUE: Any = None
+
+
+def init_queue(queue: Any, lock: Any) -> None:
+    """Initializer: keep a multiprocessing queue (and take its lock once) for later jobs."""
+    global _QUEUE
+    _QUEUE = queue
+    with lock:
+        pass
+
+
+def put_via_initializer_queue(value: Any) -> Any:
+    _QUEUE.put((value, os.getpid()))
+    return value
+
+
+def set_in_proxy(mapping: Any, key: str) -> int:
+    mapping[key] = os.getpid()
+    return int(mapping[key])

@@ -250,13 +250,14 @@ def test_initializer_that_kills_its_worker_breaks_the_pool(leak_check) -> None:
     assert pool.stats().spawned == spawned
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
 def test_initargs_that_will_not_load_break_the_pool_with_the_loading_error(
     start_method: str, leak_check
 ) -> None:
-    # The template loads the config once for all its workers (fork and
-    # forkserver); an exec'd worker loads its own (spawn). Either way the
-    # loading error is the pool's error, with no respawn loop behind it.
+    # The template loads the config once for all its workers (forkserver); an
+    # exec'd worker loads its own (spawn). Either way the loading error is the
+    # pool's error, with no respawn loop behind it. (With fork nothing is
+    # pickled: see the next test.)
     pool = poolkit.Pool(
         2, start_method=start_method, initializer=jobs.init_write_pid, initargs=(jobs.UnloadableArg(),)
     )
@@ -273,6 +274,16 @@ def test_initargs_that_will_not_load_break_the_pool_with_the_loading_error(
         pool.shutdown()
     assert spawned <= pool.max_workers
     assert pool.stats().spawned == spawned
+
+
+def test_with_fork_initargs_are_not_pickled_the_initializer_gets_the_objects_themselves() -> None:
+    # As the standard library's fork workers inherit their initargs: an object
+    # that would not unpickle (or may not be pickled, like a multiprocessing
+    # Queue) reaches the initializer as it is.
+    with poolkit.Pool(
+        1, start_method="fork", initializer=jobs.init_keep, initargs=(jobs.UnloadableArg(),)
+    ) as pool:
+        assert pool.submit(jobs.kept_type_name).result(timeout=30) == "UnloadableArg"
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)

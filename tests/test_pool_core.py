@@ -253,9 +253,15 @@ def test_argument_that_cannot_be_loaded_in_the_worker() -> None:
     with poolkit.Pool(1) as pool:
         bad = pool.submit(jobs.identity, jobs.UnloadableArg())
         good = pool.submit(jobs.square, 4)
-        with pytest.raises(ValueError, match="cannot load: argument"):
+        # The standard library reports this as BrokenProcessPool (and breaks);
+        # poolkit fails this job only, with an error that is one.
+        with pytest.raises(BrokenProcessPool, match="could not be unpickled in its worker"):
             bad.result(timeout=30)
-        assert isinstance(bad.exception().__cause__, poolkit.RemoteTraceback)
+        error = bad.exception()
+        assert isinstance(error, poolkit.UnpicklingFailed)
+        assert isinstance(error.__cause__, ValueError)
+        assert "cannot load: argument" in str(error.__cause__)
+        assert isinstance(error.__cause__.__cause__, poolkit.RemoteTraceback)
         assert good.result(timeout=30) == 16
 
 

@@ -125,6 +125,14 @@ IN_JOB: dict[str, Expect] = {
 def _in_job(where: str, what: str) -> Expect:
     expect = IN_JOB[what]
     if expect.error is not None:
+        raised = isinstance(expect.error, type) and not issubclass(
+            expect.error, (poolkit.WorkerCrashed, poolkit.JobTimeout)
+        )
+        if where == "load_job" and raised:
+            # Raised while the arguments load: the standard library reports a
+            # BrokenProcessPool; poolkit fails this job only, with one (the load
+            # error as __cause__).
+            return Expect(error=poolkit.UnpicklingFailed)
         return expect
     if where == "load_job":  # the loaded argument is what do_fault returned
         return Expect(value=f"ran with {expect.value!r}")
