@@ -151,11 +151,12 @@ class _OrderedFeeder:
         self.chunker = Chunker(chunksize, workers, len(items))
         self.max_in_flight = workers * 2 + 2
         # A subclass or wrapper that overrides submit() (a progress bar counting
-        # jobs, say) expects map() to go through it, as the standard library's
-        # map does: then every chunk is submitted at once, through submit().
+        # jobs, say; tqdm's process_map replaces it on the instance) expects
+        # map() to go through it, as the standard library's map does: then
+        # every chunk is submitted at once, through submit().
         from .pool import Pool
 
-        self.through_submit = type(pool).submit is not Pool.submit
+        self.through_submit = type(pool).submit is not Pool.submit or "submit" in vars(pool)
         if self.through_submit:
             self.max_in_flight = len(items) + 1
         self.in_flight = 0

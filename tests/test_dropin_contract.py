@@ -184,6 +184,21 @@ class CountingExecutor(poolkit.ProcessPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
+def test_map_goes_through_a_submit_replaced_on_the_instance() -> None:
+    # What tqdm's process_map does to count finished jobs.
+    calls: list[int] = []
+    with poolkit.ProcessPoolExecutor(2) as pool:
+        original = pool.submit
+
+        def counting_submit(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            return original(fn, *args, **kwargs)
+
+        pool.submit = counting_submit  # type: ignore[method-assign]
+        assert list(pool.map(abs, range(-5, 5), chunksize=1)) == [abs(n) for n in range(-5, 5)]
+    assert len(calls) == 10
+
+
 def test_map_goes_through_an_overridden_submit() -> None:
     CountingExecutor.submitted = 0
     with CountingExecutor(2) as pool:
