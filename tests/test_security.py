@@ -40,8 +40,18 @@ def _socket_inodes(pid: int) -> set[str]:
 
 
 def _template_pids(workers: set[int]) -> set[int]:
-    """This process's children that are not workers: the pools' templates."""
-    return {p.pid for p in psutil.Process().children() if p.pid not in workers}
+    """The parents of the workers: their pool's template.
+
+    (Not "every child of this process": multiprocessing's own forkserver, which
+    an earlier test may have started, is one too, and is not the pool's.)
+    """
+    parents = set()
+    for pid in workers:
+        try:
+            parents.add(psutil.Process(pid).ppid())
+        except psutil.NoSuchProcess:
+            pass  # a worker that has exited already
+    return parents
 
 
 def _net_connections(pid: int) -> list:
