@@ -488,3 +488,16 @@ def put_via_initializer_queue(value: Any) -> Any:
 def set_in_proxy(mapping: Any, key: str) -> int:
     mapping[key] = os.getpid()
     return int(mapping[key])
+
+
+def add_to_kept_value(n: int) -> int:
+    """Add ``n`` to the multiprocessing Value that ``init_keep`` kept; return the new total."""
+    with _KEPT.get_lock():
+        _KEPT.value += n
+        return int(_KEPT.value)
+
+
+def set_kept_event() -> bool:
+    """Set the multiprocessing Event that ``init_keep`` kept."""
+    _KEPT.set()
+    return True

@@ -54,6 +54,23 @@ def test_a_queue_and_a_lock_of_the_pools_context_work_as_initargs(method: str) -
 
 
 @pytest.mark.parametrize("method", START_METHODS)
+def test_a_shared_value_and_an_event_work_as_initargs(method: str) -> None:
+    context = mp.get_context(method)
+    total = context.Value("i", 0)
+    with poolkit.ProcessPoolExecutor(
+        2, mp_context=context, initializer=jobs.init_keep, initargs=(total,)
+    ) as pool:
+        list(pool.map(jobs.add_to_kept_value, [1] * 10, chunksize=1))
+    assert total.value == 10
+    event = context.Event()
+    with poolkit.ProcessPoolExecutor(
+        1, mp_context=context, initializer=jobs.init_keep, initargs=(event,)
+    ) as pool:
+        assert pool.submit(jobs.set_kept_event).result(timeout=60)
+    assert event.is_set()
+
+
+@pytest.mark.parametrize("method", START_METHODS)
 def test_a_manager_proxy_works_in_jobs(method: str) -> None:
     context = mp.get_context(method)
     with context.Manager() as manager:
