@@ -311,6 +311,12 @@ class Pool(Executor):
         return self._config.max_workers
 
     @property
+    def _broken(self) -> str | bool:
+        """False, or why the pool is broken, as the standard library's executor keeps it."""
+        broken = self._manager.broken
+        return False if broken is None else str(broken)
+
+    @property
     def _mp_context(self) -> multiprocessing.context.BaseContext:
         """The ``multiprocessing`` context of this pool's start method, as the standard library keeps it."""
         return multiprocessing.get_context(self._config.start_method)

@@ -35,35 +35,45 @@ _LATE = TICK * 4  # a tick this late means this thread itself was kept from runn
 _cond = threading.Condition()
 _watched: dict[Manager, tuple[float | None, float]] = {}  # manager -> (busy_since seen, seconds counted)
 _thread_pid: int | None = None  # the process whose watchdog thread is running, if one is
+_thread: threading.Thread | None = None
 
 
 def watch(manager: Manager) -> None:
     """Watch ``manager`` until :func:`forget`; starts this process's watchdog thread if none runs."""
-    global _thread_pid
+    global _thread, _thread_pid
     if manager.config.stall_timeout is None:
         return
     with _cond:
         _watched[manager] = (None, 0.0)
         if _thread_pid != os.getpid():
             _thread_pid = os.getpid()
-            threading.Thread(target=_run, name="poolkit-watchdog", daemon=True).start()
+            _thread = threading.Thread(target=_run, name="poolkit-watchdog", daemon=True)
+            _thread.start()
 
 
 def forget(manager: Manager) -> None:
-    """Stop watching ``manager`` (its thread is ending); the watchdog thread ends with the last pool."""
+    """Stop watching ``manager`` (its thread is ending); the watchdog thread ends with the last pool.
+
+    It is waited for (briefly), so that once the last pool's ``shutdown()``
+    returns, no thread of poolkit's is left.
+    """
     with _cond:
-        if _watched.pop(manager, None) is not None and not _watched:
-            _cond.notify_all()
+        if _watched.pop(manager, None) is None or _watched:
+            return
+        _cond.notify_all()
+        thread = _thread
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(1.0)
 
 
 def _forget_after_fork() -> None:
     # Neither the watchdog thread nor the pools it watched exist in a forked child.
-    global _cond, _thread_pid
+    global _cond, _thread, _thread_pid
     if _thread_pid is None and not _watched:
         return  # nothing to forget (a template forking workers): allocate nothing
     _cond = threading.Condition()
     _watched.clear()
-    _thread_pid = None
+    _thread_pid = _thread = None
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -365,6 +365,11 @@ def _serve(
         try:
             config.initializer(*config.initargs)
         except BaseException as exc:
+            # Logged here, as the standard library's workers log it, for code
+            # that watches that logger (its own tests do).
+            import logging
+
+            logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
             channel.send(wire.frame(wire.Kind.INIT_FAILED, _pickled_error(exc)))
             _exit(1)
     channel.send(_READY_HEAD + wire.PID.pack(os.getpid()))

@@ -159,24 +159,15 @@ DIFFERENCES: dict[str, Difference] = {
         _NO_ATTRIBUTE.format("_call_queue"),
     ),
     "FailingInitializerTest.test_initializer": Difference(
-        INTERNALS,
-        "Polls `_broken`. What it checks first holds: the job fails with BrokenExecutor and "
-        "the next submit() raises it.",
-        _NO_ATTRIBUTE.format("_broken"),
-    ),
-    "FailingInitializerResourcesTest.test_spawn": Difference(
-        INTERNALS,
-        "Runs FailingInitializerTest.test_initializer inside; its AttributeError (`_broken`) "
-        "keeps that test's multiprocessing Queue in a reference cycle, so the resource "
-        "tracker still holds the Queue's semaphores when the test stops it (exit code 1).",
-        r"AssertionError: 1 != 0",
-        start_methods=("spawn",),
-    ),
-    "FailingInitializerResourcesTest.test_forkserver": Difference(
-        INTERNALS,
-        "As FailingInitializerResourcesTest.test_spawn.",
-        r"AssertionError: 1 != 0",
-        start_methods=("forkserver",),
+        DELIBERATE,
+        "The worker logs the initializer's exception on the `concurrent.futures` logger, as "
+        "the standard library's workers do, but then leaves with `os._exit`, without "
+        "multiprocessing's exit handlers, so the record the test's `QueueHandler` put in a "
+        "multiprocessing Queue reaches it only if the queue's feeder thread sends it first "
+        "(timing). What else it checks holds: the job fails with BrokenExecutor, `_broken` "
+        "is set, the next submit() raises it.",
+        r"_assert_logged\('ValueError: error in initializer'\)",
+        strict=False,
     ),
 }
 
