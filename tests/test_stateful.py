@@ -57,7 +57,7 @@ from typing import Any, TypeVar
 import jobs
 import psutil
 import pytest
-from conftest import LeakCheck, descendants, live_workers, wait_for_pid_file, wait_until
+from conftest import LeakCheck, descendants, live_workers, wait_until
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -68,14 +68,38 @@ T = TypeVar("T")
 
 MAX_WORKERS = 2
 COUNTERS = ("submitted", "done", "failed", "crashed", "timed_out", "cancelled")
-#: The longest any one wait of this test may take before it calls the pool stuck.
+#: The longest any one wait of this test (``shutdown()`` included) may take
+#: before it calls the pool stuck. A healthy pool needs well under a second
+#: for each. Once one hang was seen in this process, the shorter bound keeps
+#: Hypothesis's replays and shrinking of that hang from taking many minutes.
 BOUND = 30.0
-#: ``shutdown()`` must return within this; once one hang was seen in this
-#: process, a shorter bound (still far above a healthy shutdown's second or
-#: two) keeps Hypothesis's shrinking of that hang from taking many minutes.
-SHUTDOWN_BOUND = 30.0
-SHUTDOWN_BOUND_AFTER_A_HANG = 10.0
+BOUND_AFTER_A_HANG = 10.0
 _hangs_seen = 0
+
+
+def bound() -> float:
+    return BOUND if not _hangs_seen else BOUND_AFTER_A_HANG
+
+
+def hang(message: str) -> AssertionError:
+    """The error for a wait that reached its bound (and shorter bounds from now on)."""
+    global _hangs_seen
+    _hangs_seen += 1
+    return AssertionError(message)
+
+
+def wait_for(predicate: Callable[[], Any], what: str) -> Any:
+    """``wait_until`` with the current bound; a timeout counts as a hang."""
+    try:
+        return wait_until(predicate, timeout=bound(), what=what)
+    except AssertionError as error:
+        raise hang(f"{error}\n" + _stacks(_pool_threads)) from None
+
+
+def wait_for_start(path: Path | str) -> None:
+    """Wait until a job has written its started file (in one atomic write)."""
+    wait_for(lambda: os.path.exists(path), f"the job writing {path} to start")
+
 
 # Outcomes a future may end with; the first element names the stats counter.
 CANCELLED = ("cancelled",)
@@ -85,7 +109,9 @@ def value(v: Any) -> tuple[Any, ...]:
     return ("done", v)
 
 
-def error(counter: str, error_type: type[BaseException], exitcode: int | None = None) -> tuple[Any, ...]:
+def error(
+    counter: str, error_type: type[BaseException], exitcode: int | None = None
+) -> tuple[Any, ...]:
     return (counter, error_type, exitcode)
 
 
@@ -114,7 +140,7 @@ def _pool_threads(thread: threading.Thread) -> bool:
     return thread.name.startswith("poolkit") or thread.name.startswith("stateful-")
 
 
-def bounded(fn: Callable[[], T], what: str, timeout: float = BOUND) -> T:
+def bounded(fn: Callable[[], T], what: str, timeout: float | None = None) -> T:
     """Run ``fn`` in a helper thread; return its result, re-raise its exception, or fail after ``timeout``.
 
     For calls into the pool that block (``next()`` on an iterator without a
@@ -132,10 +158,11 @@ def bounded(fn: Callable[[], T], what: str, timeout: float = BOUND) -> T:
             box["error"] = exc
 
     thread = threading.Thread(target=run, name=f"stateful-{what}", daemon=True)
+    timeout = bound() if timeout is None else timeout
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise AssertionError(
+        raise hang(
             f"{what} did not return within {timeout:g} s: the pool looks stuck.\n"
             + _stacks(_pool_threads)
         )
@@ -144,7 +171,7 @@ def bounded(fn: Callable[[], T], what: str, timeout: float = BOUND) -> T:
     return box["value"]  # type: ignore[no-any-return]
 
 
-def wait_for_any_start(paths: list[str], timeout: float = BOUND) -> None:
+def wait_for_any_start(paths: list[str]) -> None:
     """Wait until one of the jobs that write ``paths`` has started.
 
     Not a given one: a job can be queued behind later ones (a worker that
@@ -154,15 +181,17 @@ def wait_for_any_start(paths: list[str], timeout: float = BOUND) -> None:
     def started() -> bool:
         return any(os.path.exists(path) for path in paths)
 
-    wait_until(started, timeout=timeout, what=f"one of the jobs writing {paths} to start")
+    wait_for(started, f"one of the jobs writing {paths} to start")
 
 
-def wait_for_futures(futures: list[cf.Future[Any]], what: str, timeout: float = BOUND) -> None:
+def wait_for_futures(futures: list[cf.Future[Any]], what: str) -> None:
+    timeout = bound()
     _, not_done = cf.wait(futures, timeout=timeout)
-    assert not not_done, (
-        f"{len(not_done)} of {len(futures)} futures ({what}) unresolved after {timeout:g} s: "
-        f"{sorted(not_done, key=repr)[:5]}\n" + _stacks(_pool_threads)
-    )
+    if not_done:
+        raise hang(
+            f"{len(not_done)} of {len(futures)} futures ({what}) unresolved after {timeout:g} s: "
+            f"{sorted(not_done, key=repr)[:5]}\n" + _stacks(_pool_threads)
+        )
 
 
 # ----------------------------------------------------------------- the machine
@@ -271,13 +300,11 @@ class PoolMachine(RuleBasedStateMachine):
 
     def _result(self, future: cf.Future[Any], what: str) -> Any:
         try:
-            return future.result(timeout=BOUND)
+            return future.result(timeout=bound())
         except cf.TimeoutError:
             if future.done():
                 raise
-            raise AssertionError(
-                f"{what}: {future!r} unresolved after {BOUND:g} s\n" + _stacks(_pool_threads)
-            ) from None
+            raise hang(f"{what}: {future!r} unresolved\n" + _stacks(_pool_threads)) from None
 
     def _name(self, stem: str) -> str:
         return str(self.directory / f"{stem}-{next(self.names)}")
@@ -307,7 +334,7 @@ class PoolMachine(RuleBasedStateMachine):
             ready = [w for w in stats.workers if w.state == "ready" and w.current_job is None]
             return stats.pending == 0 and stats.running == 0 and len(ready) == MAX_WORKERS
 
-        wait_until(idle, timeout=BOUND, what=f"{MAX_WORKERS} idle workers and no job queued or running")
+        wait_for(idle, f"{MAX_WORKERS} idle workers and no job queued or running")
 
     # ------------------------------------------------------------- forked children
 
@@ -338,10 +365,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     def _shutdown_bounded(self, *, wait: bool = True, cancel_futures: bool = False) -> None:
         """Call ``shutdown()`` in a helper thread; fail, with the threads' stacks, if it does not return."""
-        global _hangs_seen
-        bound = SHUTDOWN_BOUND if not _hangs_seen else SHUTDOWN_BOUND_AFTER_A_HANG
-        if not wait:
-            bound = 5.0  # shutdown(wait=False) only asks: it must return at once
+        limit = bound() if wait else 5.0  # shutdown(wait=False) only asks: it must return at once
         thread = threading.Thread(
             target=self.pool.shutdown,
             kwargs={"wait": wait, "cancel_futures": cancel_futures},
@@ -350,10 +374,9 @@ class PoolMachine(RuleBasedStateMachine):
         )
         started = time.monotonic()
         thread.start()
-        thread.join(bound)
+        thread.join(limit)
         if not thread.is_alive():
             return
-        _hangs_seen += 1
         stacks = _stacks(_pool_threads)
         try:
             stats: Any = bounded(self.pool.stats, "stats() of a pool whose shutdown hangs", 5)
@@ -361,7 +384,7 @@ class PoolMachine(RuleBasedStateMachine):
             stats = "stats() hangs too"
         message = (
             f"shutdown(wait={wait}, cancel_futures={cancel_futures}) did not return within "
-            f"{bound:g} s (pool stats: {stats!r}; forked caller children alive: "
+            f"{limit:g} s (pool stats: {stats!r}; forked caller children alive: "
             f"{sorted(self.forked)}).\n{stacks}"
         )
         # Is it waiting for a child the caller forked? Let those go and look again.
@@ -370,7 +393,7 @@ class PoolMachine(RuleBasedStateMachine):
                 self._release_children()
             thread.join(5)
             if not thread.is_alive():
-                raise AssertionError(
+                raise hang(
                     "shutdown() waited for a child the caller had forked (it returned "
                     f"{time.monotonic() - started:.1f} s later, once that child exited): {message}"
                 )
@@ -380,7 +403,7 @@ class PoolMachine(RuleBasedStateMachine):
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
         thread.join(5)
-        raise AssertionError(message)
+        raise hang(message)
 
     # ------------------------------------------------------------- job-side rules
 
@@ -414,7 +437,7 @@ class PoolMachine(RuleBasedStateMachine):
         never = self.directory / "never"
         future = self.pool.submit(jobs.started_then_wait, str(started), str(never))
         self._track(future, CANCELLED)
-        wait_for_pid_file(started, timeout=BOUND)
+        wait_for_start(started)
         assert future.terminate() is True
         assert future.cancelled()
 
@@ -438,7 +461,9 @@ class PoolMachine(RuleBasedStateMachine):
         possible = self._possible()
         for name in COUNTERS:
             count = getattr(stats, name)
-            bound = possible[name] + (self.slack if name in ("submitted", "done", "cancelled") else 0)
+            bound = possible[name] + (
+                self.slack if name in ("submitted", "done", "cancelled") else 0
+            )
             assert count >= self.last_counts[name], f"{name} went backwards"
             assert count <= bound, f"{name}: {count} > {bound}, the most the model allows; {stats}"
             self.last_counts[name] = count
@@ -461,9 +486,11 @@ class PoolMachine(RuleBasedStateMachine):
             self.blockers.append(future)
         try:
             for started in starts:
-                wait_for_pid_file(started, timeout=BOUND)
+                wait_for_start(started)
         except AssertionError as error:
-            where = [(f, getattr(f, "worker_id", None), getattr(f, "pid", None)) for f in self.blockers]
+            where = [
+                (f, getattr(f, "worker_id", None), getattr(f, "pid", None)) for f in self.blockers
+            ]
             raise AssertionError(
                 f"{error}: with every worker idle, {MAX_WORKERS} jobs did not all start "
                 f"(futures, worker ids, pids: {where}; {self._stats()})"
@@ -506,11 +533,15 @@ class PoolMachine(RuleBasedStateMachine):
             if bounded(future.cancel, "cancel() of a queued job"):
                 assert future.cancelled()
                 self._expect(future, CANCELLED)
-                event(f"cancel() of a queued job (workers {'held' if blocked else 'free'}): cancelled")
+                event(
+                    f"cancel() of a queued job (workers {'held' if blocked else 'free'}): cancelled"
+                )
             else:
                 # Already sent to a worker (a pipelined job counts as running) or finished.
                 assert future.running() or future.done(), future
-                event(f"cancel() of a queued job (workers {'held' if blocked else 'free'}): too late")
+                event(
+                    f"cancel() of a queued job (workers {'held' if blocked else 'free'}): too late"
+                )
 
     @precondition(lambda self: bool(self.go_files))
     @rule()
@@ -551,7 +582,9 @@ class PoolMachine(RuleBasedStateMachine):
         elif kind == "imap_unordered":
             assert len(set(got)) == take and set(got) <= {x * x for x in inputs}, got
         else:
-            assert [(o.index, o.ok, o.value) for o in got] == [(x, True, x * x) for x in range(take)], got
+            assert [(o.index, o.ok, o.value) for o in got] == [
+                (x, True, x * x) for x in range(take)
+            ], got
         if how == "close":
             bounded(iterator.close, f"close() of a {kind} iterator")
         del iterator  # "drop": the generator is finalized here (CPython refcounting)
@@ -566,7 +599,7 @@ class PoolMachine(RuleBasedStateMachine):
         seen: list[int] = []
 
         def loop() -> None:
-            for result in self.pool.map(jobs.square, range(n), timeout=BOUND):
+            for result in self.pool.map(jobs.square, range(n), timeout=bound()):
                 seen.append(result)
                 if len(seen) > at:
                     raise CallerError(f"the caller's loop body fails at result {at}")
@@ -576,7 +609,7 @@ class PoolMachine(RuleBasedStateMachine):
         except CallerError:
             pass
         except cf.TimeoutError:
-            raise AssertionError(f"map gave {len(seen)} of {n} results in {BOUND} s") from None
+            raise hang(f"map gave {len(seen)} of {n} results in time") from None
         else:
             raise AssertionError("the loop body's exception was lost")
         assert seen == [x * x for x in range(at + 1)]
@@ -619,7 +652,7 @@ class PoolMachine(RuleBasedStateMachine):
         try:
             if where == "loop body":
                 at = data.draw(st.integers(min_value=0, max_value=n - 1), label="at")
-                iterator = self.pool.map(jobs.square, range(n), timeout=BOUND)
+                iterator = self.pool.map(jobs.square, range(n), timeout=bound())
                 try:
                     for i, result in enumerate(iterator):
                         assert result == i * i
@@ -657,7 +690,7 @@ class PoolMachine(RuleBasedStateMachine):
         helper = threading.Thread(target=interrupter, name="stateful-interrupter", daemon=True)
         interrupted = False
         try:
-            iterator = self.pool.map(jobs.started_then_wait, starts, [go] * n, timeout=BOUND)
+            iterator = self.pool.map(jobs.started_then_wait, starts, [go] * n, timeout=bound())
             helper.start()
             try:
                 for _ in iterator:
@@ -672,11 +705,11 @@ class PoolMachine(RuleBasedStateMachine):
                 sent = state["sent"]
             if sent and not interrupted:
                 with contextlib.suppress(KeyboardInterrupt):
-                    threading.Event().wait(BOUND)  # the signal is on its way: take it here
+                    threading.Event().wait(bound())  # the signal is on its way: take it here
                 interrupted = True
         finally:
             jobs.write_line(go, "go")
-            helper.join(BOUND)
+            helper.join(bound())
         return interrupted
 
     # ------------------------------------------------------------- caller: fork
@@ -743,7 +776,9 @@ class PoolMachine(RuleBasedStateMachine):
                     try:
                         made = self.pool.submit(jobs.square, x + 1)
                     except RuntimeError as refused:
-                        assert shutting_down.is_set(), f"submit refused before shutdown: {refused!r}"
+                        assert shutting_down.is_set(), (
+                            f"submit refused before shutdown: {refused!r}"
+                        )
                         report["refused"] = refused
                     else:
                         self._track(made, value((x + 1) ** 2))
@@ -778,10 +813,11 @@ class PoolMachine(RuleBasedStateMachine):
             shutting_down.set()
             self._shutdown_bounded(wait=False)
             self.closed = True
-        assert ran.wait(BOUND), (
-            f"the done-callback ({action}, {trigger}) never ran or never returned\n"
-            + _stacks(_pool_threads)
-        )
+        if not ran.wait(bound()):
+            raise hang(
+                f"the done-callback ({action}, {trigger}) never ran or never returned\n"
+                + _stacks(_pool_threads)
+            )
         if "error" in report:
             raise report["error"]
         event(f"done-callback {action} ran in {report['thread'].split('-')[0]}")
