@@ -20,6 +20,7 @@ from .executor import ProcessPoolExecutor
 from .futures import JobFuture
 from .logs import log_to_json
 from .pool import JobOptions, Pool
+from .shortcuts import batch  # from here on poolkit.batch is the function, not the module
 from .stats import JobStats, PoolStats, WorkerInfo
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "WorkerCrashed",
     "WorkerInfo",
     "__version__",
+    "batch",
     "current_job",
     "log_to_json",
     "report_progress",
