@@ -64,6 +64,7 @@ from .stats import PoolStats, WorkerInfo
 # parent, once: a forked template then starts without importing (or compiling)
 # anything, which is most of a cold start.
 from .template import serve_forked as serve_forked_template
+from .timers import Due, Timers
 from .worker import load_prctl
 
 load_prctl()
@@ -75,12 +76,11 @@ _MAX_WINDOW = 64
 _TINY_JOB = 0.002  # seconds: jobs shorter than this are worth pipelining
 _START_FAILURES_BEFORE_BROKEN = 3
 _SOCKET_BUFFER = 4 << 20
-_SKIP_GRACE = 0.05
 _LONG_MIN = 0.001  # seconds: a job running longer than this and 5x the mean gets nothing queued behind it
 _SPAWN_BACKOFF_MIN = 0.01  # seconds before retrying a spawn that found no descriptor; doubles
 _SPAWN_BACKOFF_MAX = 1.0
 _ABORT_WAIT = 5.0  # seconds shutdown waits for a pool it has just aborted (Ctrl-C) before leaving
-_PROGRESS_BUDGET = 0.005  # seconds of progress callbacks per batch before stale values are dropped  # seconds a worker has to answer SKIPPED for a job terminated while queued
+_PROGRESS_BUDGET = 0.005  # seconds of progress callbacks per batch before stale values are dropped
 
 # Worker states
 STARTING = "starting"
@@ -271,6 +271,7 @@ class Manager:
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._worker_ids = itertools.count(1)
         self._workers: dict[int, Worker] = {}
+        self._timers = Timers.of(config)
         self._pending: deque[Job] = deque()
         self._config_bytes = b""  # set by _start_template: it depends on what the template shares
         self._exec_workers = False  # spawn: each worker gets the config in its first frame
@@ -752,36 +753,8 @@ class Manager:
                     self._pending = keep
 
     def _next_timeout(self, now: float) -> float | None:
-        soonest: float | None = None
-
-        def consider(when: float | None) -> None:
-            nonlocal soonest
-            if when is not None and (soonest is None or when < soonest):
-                soonest = when
-
-        config = self.config
-        if self._spawn_retry_at > now:
-            consider(self._spawn_retry_at)
-        for worker in self._workers.values():
-            consider(worker.exit_deadline)
-            if worker.state == STARTING and config.start_timeout is not None:
-                consider(worker.born + config.start_timeout)
-            if worker.inflight and worker.state == READY:
-                head = worker.inflight[0]
-                if head.future.cancelled():
-                    consider(head.started_at + _SKIP_GRACE)
-            if worker.state == READY and not worker.retiring:
-                if worker.lifetime is not None:
-                    consider(worker.born + worker.lifetime)
-                if (
-                    config.idle_timeout is not None
-                    and not worker.inflight
-                    and len(self._workers) > config.min_workers
-                ):
-                    consider(worker.idle_since + config.idle_timeout)
-        if soonest is None:
-            return None
-        return max(0.0, soonest - now)
+        retry_at = self._spawn_retry_at if self._spawn_retry_at > now else None
+        return self._timers.next_timeout(self._workers.values(), now, also=retry_at)
 
     # ------------------------------------------------------------ workers
 
@@ -1257,43 +1230,25 @@ class Manager:
         return max(_LONG_MIN, 5 * (self._ewma or 0.0))
 
     def _fire_timers(self, now: float) -> None:
-        """What is due now. Job deadlines and the memory limit are the template's (limits.py)."""
-        config = self.config
-        for worker in list(self._workers.values()):
-            if worker.exit_deadline is not None and now >= worker.exit_deadline:
-                worker.exit_deadline = now + config.kill_grace
-                if worker.pid is not None:
-                    self._send_control(
-                        wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL))
-                    )
-            if worker.state == KILLING:
-                continue
-            if (
-                worker.state == STARTING
-                and config.start_timeout is not None
-                and now >= worker.born + config.start_timeout
-            ):
-                self.log.warning("worker.start_timeout", worker_id=worker.worker_id, pid=worker.pid)
-                self._kill(worker, "start_timeout", signal.SIGKILL, now)
-                continue
-            if worker.inflight and worker.state == READY:
-                head = worker.inflight[0]
-                if head.future.cancelled() and now >= head.started_at + _SKIP_GRACE:
-                    # Terminated while queued, but the worker started it before the
-                    # CANCEL arrived (no SKIPPED came back): stop it the hard way.
-                    self._kill(worker, "terminated", signal.SIGKILL, now)
-                    continue
-            if worker.retiring or worker.state != READY:
-                continue
-            if worker.lifetime is not None and now >= worker.born + worker.lifetime:
-                self._retire(worker, "lifetime")
-            elif (
-                config.idle_timeout is not None
-                and not worker.inflight
-                and now >= worker.idle_since + config.idle_timeout
-                and sum(1 for w in self._workers.values() if w.live) > config.min_workers
-            ):
-                self._retire(worker, "idle")
+        """What is due now (timers.py). Job deadlines and the memory limit are the template's (limits.py)."""
+        self._timers.fire(self._workers.values(), now, self._timer_due)
+
+    def _timer_due(self, worker: Worker, due: Due, now: float) -> None:
+        if due is Due.EXIT:
+            worker.exit_deadline = now + self.config.kill_grace
+            if worker.pid is not None:
+                self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL)))
+        elif due is Due.START:
+            self.log.warning("worker.start_timeout", worker_id=worker.worker_id, pid=worker.pid)
+            self._kill(worker, "start_timeout", signal.SIGKILL, now)
+        elif due is Due.SKIP:
+            # Terminated while queued, but the worker started it before the
+            # CANCEL arrived (no SKIPPED came back): stop it the hard way.
+            self._kill(worker, "terminated", signal.SIGKILL, now)
+        elif due is Due.LIFETIME:
+            self._retire(worker, "lifetime")
+        else:
+            self._retire(worker, "idle")
 
     def _job_timed_out(self, worker: Worker, job: Job, now: float) -> None:
         self.counters["timed_out"] += 1

@@ -11,6 +11,7 @@ import collections
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,20 @@ def test_retired_counts_tasks_and_spawned() -> None:
     assert final.retired.get("tasks") == 3
     assert final.retired.get("shutdown") == 1
     assert final.recycled == 3
+
+
+def test_pool_does_not_spin_while_a_retiring_worker_runs_its_last_job() -> None:
+    """The manager sleeps in ``select`` while nothing is due, whatever the idle rule says.
+
+    With ``max_tasks_per_child=1`` the worker that takes the job retires at
+    once and its replacement idles past ``idle_timeout`` but may not retire
+    (``min_workers=1``). The manager thread lives in this process, so a busy
+    loop shows up as this process's CPU time while the job sleeps.
+    """
+    job_seconds = 3.0
+    with poolkit.Pool(2, min_workers=1, idle_timeout=0.3, max_tasks_per_child=1) as pool:
+        pool.submit(jobs.sleep_then_pid, 0.0).result(timeout=30)  # started and warm
+        cpu_before = time.process_time()
+        pool.submit(jobs.sleep_then_pid, job_seconds).result(timeout=60)
+        cpu_used = time.process_time() - cpu_before
+    assert cpu_used < 0.5, f"the pool's process used {cpu_used:.2f} s of CPU over a {job_seconds:g} s job"

@@ -1,0 +1,169 @@
+"""The timer rules (poolkit/timers.py), without any process.
+
+One description of each timer answers both "how long may the loop sleep" and
+"what is due now"; these tests hold the two answers to each other.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poolkit.futures import JobFuture
+from poolkit.manager import Job, Worker
+from poolkit.timers import Due, Timers
+
+KILL_GRACE = 1.0
+
+
+@pytest.fixture(scope="module")
+def sock() -> Iterator[socket.socket]:
+    a, b = socket.socketpair()
+    yield a
+    a.close()
+    b.close()
+
+
+def _worker(sock: socket.socket, worker_id: int, *, state: str = "ready", born: float = 0.0) -> Worker:
+    worker = Worker(worker_id, sock, born)
+    worker.state = state
+    if state != "starting":
+        worker.was_ready = True
+    return worker
+
+
+def _job(seq: int, started_at: float, *, cancelled: bool = False) -> Job:
+    future: JobFuture[Any] = JobFuture(f"job-{seq}", None)
+    if cancelled:
+        future.cancel()
+    job = Job(seq, future, b"", b"", None)
+    job.started_at = started_at
+    return job
+
+
+def _act_as_the_manager(worker: Worker, due: Due, now: float) -> None:
+    """What the manager does to a worker for each timer, as far as the timers can see."""
+    if due in (Due.EXIT, Due.START, Due.SKIP):
+        if due is not Due.EXIT:
+            worker.state = "killing"
+        worker.exit_deadline = now + KILL_GRACE
+    else:
+        worker.retiring = True
+
+
+def test_a_retiring_workers_last_job_leaves_nothing_due(sock: socket.socket) -> None:
+    """The busy loop of issue 17: an idle replacement at min_workers beside a retiring worker."""
+    timers = Timers(start_timeout=None, idle_timeout=0.3, min_workers=1)
+    retiring = _worker(sock, 1)
+    retiring.retiring = True
+    retiring.inflight.append(_job(1, started_at=0.0))
+    replacement = _worker(sock, 2, born=0.0)
+    now = 1.0  # the replacement has idled past idle_timeout
+    fired: list[Due] = []
+    assert timers.fire([retiring, replacement], now, lambda w, due, t: fired.append(due)) == 0
+    assert fired == []
+    assert timers.next_timeout([retiring, replacement], now) is None
+
+
+def test_idle_workers_retire_down_to_min_workers_only(sock: socket.socket) -> None:
+    timers = Timers(start_timeout=None, idle_timeout=0.3, min_workers=1)
+    workers = [_worker(sock, i) for i in (1, 2, 3)]
+    fired: list[tuple[int, Due]] = []
+
+    def act(worker: Worker, due: Due, now: float) -> None:
+        fired.append((worker.worker_id, due))
+        _act_as_the_manager(worker, due, now)
+
+    assert timers.next_timeout(workers, 0.1) == pytest.approx(0.2)
+    assert timers.fire(workers, 1.0, act) == 2
+    assert fired == [(1, Due.IDLE), (2, Due.IDLE)]
+    assert timers.next_timeout(workers, 1.0) is None
+
+
+def test_a_starting_worker_has_only_its_start_timeout(sock: socket.socket) -> None:
+    timers = Timers(start_timeout=5.0, idle_timeout=0.3, min_workers=0)
+    worker = _worker(sock, 1, state="starting", born=10.0)
+    worker.lifetime = 1.0
+    assert timers.deadlines(worker, live_workers=1) == [(15.0, Due.START)]
+
+
+def test_a_dying_worker_has_only_its_exit_deadline(sock: socket.socket) -> None:
+    timers = Timers(start_timeout=5.0, idle_timeout=0.3, min_workers=0)
+    worker = _worker(sock, 1, state="killing")
+    worker.exit_deadline = 2.0
+    worker.lifetime = 1.0
+    assert timers.deadlines(worker, live_workers=0) == [(2.0, Due.EXIT)]
+    fired: list[Due] = []
+    timers.fire([worker], 2.0, lambda w, due, now: (fired.append(due), _act_as_the_manager(w, due, now)))
+    assert fired == [Due.EXIT]
+    assert timers.next_timeout([worker], 2.0) == pytest.approx(KILL_GRACE)
+
+
+def test_a_terminated_job_that_started_anyway_is_due_after_the_skip_grace(sock: socket.socket) -> None:
+    timers = Timers(start_timeout=None, idle_timeout=None, min_workers=0, skip_grace=0.05)
+    worker = _worker(sock, 1)
+    worker.inflight.append(_job(1, started_at=3.0, cancelled=True))
+    assert timers.deadlines(worker, live_workers=1) == [(3.05, Due.SKIP)]
+    assert timers.fire([worker], 3.0, lambda w, due, now: None) == 0
+
+
+_worker_states = st.fixed_dictionaries(
+    {
+        "state": st.sampled_from(["starting", "ready", "killing"]),
+        "retiring": st.booleans(),
+        "born": st.floats(0, 10),
+        "idle_since": st.floats(0, 10),
+        "lifetime": st.none() | st.floats(0.01, 10),
+        "exit_deadline": st.none() | st.floats(0, 20),
+        "jobs": st.lists(st.tuples(st.floats(0, 10), st.booleans()), max_size=3),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    states=st.lists(_worker_states, min_size=1, max_size=5),
+    now=st.floats(0, 20),
+    start_timeout=st.none() | st.floats(0.01, 5),
+    idle_timeout=st.none() | st.floats(0.01, 5),
+    min_workers=st.integers(0, 5),
+)
+def test_if_firing_did_nothing_the_next_timeout_is_not_zero(
+    sock: socket.socket,
+    states: list[dict[str, Any]],
+    now: float,
+    start_timeout: float | None,
+    idle_timeout: float | None,
+    min_workers: int,
+) -> None:
+    timers = Timers(start_timeout=start_timeout, idle_timeout=idle_timeout, min_workers=min_workers)
+
+    def build() -> list[Worker]:
+        workers = []
+        for worker_id, state in enumerate(states, 1):
+            worker = _worker(sock, worker_id, state=state["state"], born=state["born"])
+            worker.retiring = state["retiring"]
+            worker.idle_since = state["idle_since"]
+            worker.lifetime = state["lifetime"]
+            worker.exit_deadline = state["exit_deadline"]
+            for seq, (started_at, cancelled) in enumerate(state["jobs"], 1):
+                worker.inflight.append(_job(seq, started_at, cancelled=cancelled))
+            workers.append(worker)
+        return workers
+
+    # Firing nothing (whatever the timers said is due was not acted on by
+    # them) happens only when nothing is due: then the loop may sleep.
+    idle = build()
+    if timers.fire(idle, now, lambda w, due, t: None) == 0:
+        timeout = timers.next_timeout(idle, now)
+        assert timeout is None or timeout > 0
+    # Acting as the manager does on what is due leaves nothing due at once.
+    acted = build()
+    timers.fire(acted, now, _act_as_the_manager)
+    timeout = timers.next_timeout(acted, now)
+    assert timeout is None or timeout > 0
