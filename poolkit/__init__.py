@@ -18,6 +18,7 @@ from .errors import (
 )
 from .executor import ProcessPoolExecutor
 from .futures import JobFuture
+from .job_progress import ProgressCounts
 from .logs import log_to_json
 from .pool import JobOptions, Pool
 from .shortcuts import batch  # from here on poolkit.batch is the function, not the module
@@ -38,6 +39,7 @@ __all__ = [
     "PoolStats",
     "PoolkitError",
     "ProcessPoolExecutor",
+    "ProgressCounts",
     "RemoteTraceback",
     "UnpicklingFailed",
     "WorkerCrashed",

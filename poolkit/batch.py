@@ -11,6 +11,12 @@ endless input iterator never fills memory.
 even if nobody reads the results); its chunks are submitted as earlier ones
 complete. ``imap_unordered`` and ``batch`` read their input lazily, in the
 consumer's thread.
+
+With ``progress=``, each run has a :class:`~poolkit.job_progress.Tracker`:
+every submitted chunk is watched (running while a worker holds it); ``map``
+and ``imap_unordered`` settle a chunk's inputs when its future ends, ``batch``
+settles each input when its outcome is known (a failed attempt it retries is
+not a failure yet).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import JobTimeout, WorkerCrashed
 from .futures import JobFuture, cancel_all
+from .job_progress import ProgressArg, Tracker, check_progress, make_tracker, total_of
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -138,8 +145,10 @@ class _OrderedFeeder:
         items: Sequence[Any],
         chunksize: int | None,
         runner: Callable[[Callable[..., Any], Sequence[Any]], list[Any]],
+        tracker: Tracker | None,
     ) -> None:
         self.pool = pool
+        self.tracker = tracker
         self.fn = fn
         self.items = items
         self.runner = runner
@@ -202,6 +211,8 @@ class _OrderedFeeder:
                     break
                 self.in_flight += 1
                 self.chunks.append((future, len(chunk)))
+                if self.tracker is not None:
+                    self.tracker.watch(future, len(chunk))
                 future.add_done_callback(functools.partial(self._done, count=len(chunk)))
             self.cond.notify_all()
 
@@ -244,9 +255,11 @@ def map_ordered(
     *,
     timeout: float | None,
     chunksize: int | None,
+    progress: ProgressArg = None,
 ) -> Iterator[T]:
     if not callable(fn):
         raise TypeError(f"{fn!r} is not callable")
+    check_progress(progress)
     deadline = None if timeout is None else time.monotonic() + timeout
     runner: Callable[[Callable[..., Any], Sequence[Any]], list[Any]]
     items: Sequence[Any]
@@ -259,9 +272,17 @@ def map_ordered(
     else:
         items = list(zip(*iterables, strict=False))
         runner = _call_chunk
-    feeder = _OrderedFeeder(pool, fn, items, chunksize, runner)
-    feeder.pump(first=True)
+    tracker = make_tracker(progress, "map", len(items))
+    feeder = _OrderedFeeder(pool, fn, items, chunksize, runner, tracker)
+    try:
+        feeder.pump(first=True)
+    except BaseException:
+        if tracker is not None:
+            tracker.close()
+        raise
     if not items:
+        if tracker is not None:
+            tracker.close()
         return iter(())
     return _map_results(feeder, deadline, len(items))
 
@@ -292,6 +313,8 @@ def _map_results(feeder: _OrderedFeeder, deadline: float | None, total: int) -> 
     finally:
         if seen < total:
             feeder.stop()
+        if feeder.tracker is not None:
+            feeder.tracker.close()
 
 
 _DONE: Future[Any] = Future()
@@ -329,8 +352,14 @@ class _LazyFeeder:
         iterable: Iterable[Any],
         chunksize: int | None,
         max_in_flight: int | None,
+        tracker: Tracker | None = None,
+        *,
+        settles: bool = True,
     ) -> None:
         self.source = enumerate(iterable)
+        self.tracker = tracker
+        self.settles = settles  # False: the consumer settles inputs itself (batch)
+        self.read = 0
         self.submit_chunk = submit_chunk
         workers = pool.max_workers
         self.chunker = Chunker(chunksize, workers)
@@ -345,9 +374,14 @@ class _LazyFeeder:
             chunk = list(itertools.islice(self.source, size))
             if not chunk:
                 self.exhausted = True
+                if self.tracker is not None:
+                    self.tracker.set_total(self.read)
                 return
+            self.read += len(chunk)
             future = self.submit_chunk([item for _, item in chunk])
             self.in_flight += 1
+            if self.tracker is not None:
+                self.tracker.watch(future, len(chunk), settles=self.settles)
             future.add_done_callback(functools.partial(self._done, chunk=chunk))
 
     def _done(self, future: Future[Any], *, chunk: list[tuple[int, Any]]) -> None:
@@ -366,23 +400,37 @@ class _LazyFeeder:
 
 
 def imap_unordered(
-    pool: Pool, fn: Callable[[Any], T], iterable: Iterable[Any], *, chunksize: int | None
+    pool: Pool,
+    fn: Callable[[Any], T],
+    iterable: Iterable[Any],
+    *,
+    chunksize: int | None,
+    progress: ProgressArg = None,
 ) -> Iterator[T]:
     if not callable(fn):
         raise TypeError(f"{fn!r} is not callable")
+    check_progress(progress)
 
     def submit_chunk(items: list[Any]) -> Future[Any]:
         return pool.submit(_call_chunk, fn, [(item,) for item in items])
 
     feeder = _LazyFeeder(pool, submit_chunk, iterable, chunksize, None)
+    total = total_of(iterable)
 
     def results() -> Iterator[T]:
-        while True:
-            entry = feeder.next_completed()
-            if entry is None:
-                return
-            future, _ = entry
-            yield from future.result()
+        # The tracker starts with the first result asked for: a generator never
+        # started submits nothing, and must leave no thread behind.
+        feeder.tracker = make_tracker(progress, "imap_unordered", total)
+        try:
+            while True:
+                entry = feeder.next_completed()
+                if entry is None:
+                    return
+                future, _ = entry
+                yield from future.result()
+        finally:
+            if feeder.tracker is not None:
+                feeder.tracker.close()
 
     return results()
 
@@ -425,10 +473,12 @@ def run_batch(
     chunksize: int | None,
     max_in_flight: int | None,
     star: bool = False,
+    progress: ProgressArg = None,
 ) -> Iterator[Outcome[T]]:
     """The engine of :meth:`Pool.batch` (and of ``poolkit run``)."""
     if not callable(fn):
         raise TypeError(f"{fn!r} is not callable")
+    check_progress(progress)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be a non-negative int, got {retries!r}")
     if timeout is not None and chunksize is None:
@@ -438,8 +488,9 @@ def run_batch(
     def submit_chunk(items: list[Any]) -> Future[Any]:
         return options.submit(_call_chunk_recording, fn, items, star)
 
-    feeder = _LazyFeeder(pool, submit_chunk, iterable, chunksize, max_in_flight)
-    return _batch_outcomes(pool, feeder, fn, retries, retry_exceptions, timeout, ordered, star)
+    feeder = _LazyFeeder(pool, submit_chunk, iterable, chunksize, max_in_flight, settles=False)
+    total = total_of(iterable)
+    return _batch_outcomes(pool, feeder, fn, retries, retry_exceptions, timeout, ordered, star, progress, total)
 
 
 def _batch_outcomes(
@@ -451,6 +502,27 @@ def _batch_outcomes(
     timeout: float | None,
     ordered: bool,
     star: bool,
+    progress: ProgressArg,
+    total: int | None,
+) -> Iterator[Outcome[Any]]:
+    tracker = feeder.tracker = make_tracker(progress, "batch", total)
+    try:
+        yield from _batch_loop(pool, feeder, fn, retries, retry_exceptions, timeout, ordered, star, tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _batch_loop(
+    pool: Pool,
+    feeder: _LazyFeeder,
+    fn: Callable[[Any], Any],
+    retries: int,
+    retry_exceptions: bool,
+    timeout: float | None,
+    ordered: bool,
+    star: bool,
+    tracker: Tracker | None,
 ) -> Iterator[Outcome[Any]]:
     waiting: dict[int, Outcome[Any]] = {}
     next_index = 0
@@ -463,6 +535,8 @@ def _batch_outcomes(
             _call_chunk_recording, fn, [item], star
         )
         solo[future] = (index, item, attempt)
+        if tracker is not None:
+            tracker.watch(future, 1, settles=False)
         future.add_done_callback(solo_done.put)
 
     def outcomes_of(future: Future[Any], chunk: list[tuple[int, Any]], attempt: int) -> list[Outcome[Any]]:
@@ -503,6 +577,9 @@ def _batch_outcomes(
 
     def release(batch: list[Outcome[Any]]) -> Iterator[Outcome[Any]]:
         nonlocal next_index
+        if tracker is not None:
+            for outcome in batch:  # each outcome is final here: retried inputs are not in it
+                tracker.settle(ok=outcome.ok)
         if not ordered:
             yield from batch
             return

@@ -24,6 +24,7 @@ from . import batch as _batch
 from .config import PoolConfig
 from .errors import BrokenPool
 from .futures import JobFuture
+from .job_progress import ProgressArg
 from .manager import Job, Manager, shutdown_all_at_exit
 from .processes import WorkerProcess
 from .serialization import dumps
@@ -237,20 +238,34 @@ class Pool(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int | None = None,
+        progress: ProgressArg = None,
     ) -> Iterator[T]:
         """Like ``Executor.map``: results in order, the first exception raised when reached.
 
         All inputs are taken at once (as the standard library does, so jobs run
         even if the results are never read). ``chunksize=None`` chooses chunk
-        sizes from the measured duration of the first calls.
+        sizes from the measured duration of the first calls. ``progress=True``
+        shows the run's progress on stderr (a live bar on a terminal, a plain
+        line every few seconds elsewhere); a callable receives
+        ``poolkit.ProgressCounts`` instead, in a thread of its own.
         """
-        return _batch.map_ordered(self, fn, iterables, timeout=timeout, chunksize=chunksize)
+        return _batch.map_ordered(
+            self, fn, iterables, timeout=timeout, chunksize=chunksize, progress=progress
+        )
 
     def imap_unordered(
-        self, fn: Callable[[Any], T], iterable: Iterable[Any], chunksize: int | None = None
+        self,
+        fn: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        progress: ProgressArg = None,
     ) -> Iterator[T]:
-        """Results as they complete, reading ``iterable`` lazily with a bounded number in flight."""
-        return _batch.imap_unordered(self, fn, iterable, chunksize=chunksize)
+        """Results as they complete, reading ``iterable`` lazily with a bounded number in flight.
+
+        ``progress`` is as for ``map``; the total is ``len(iterable)`` when it has one.
+        """
+        return _batch.imap_unordered(self, fn, iterable, chunksize=chunksize, progress=progress)
 
     def batch(
         self,
@@ -263,8 +278,12 @@ class Pool(Executor):
         ordered: bool = True,
         chunksize: int | None = None,
         max_in_flight: int | None = None,
+        progress: ProgressArg = None,
     ) -> Iterator[_batch.Outcome[T]]:
-        """Run ``fn`` on every input; yield an :class:`~poolkit.Outcome` per input, never stopping at a failure."""
+        """Run ``fn`` on every input; yield an :class:`~poolkit.Outcome` per input, never stopping at a failure.
+
+        ``progress`` is as for ``map``; an input counts as failed only after its last attempt.
+        """
         return _batch.run_batch(
             self,
             fn,
@@ -275,6 +294,7 @@ class Pool(Executor):
             ordered=ordered,
             chunksize=chunksize,
             max_in_flight=max_in_flight,
+            progress=progress,
         )
 
     # ------------------------------------------------------------ asyncio

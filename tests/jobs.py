@@ -501,3 +501,12 @@ def set_kept_event() -> bool:
     """Set the multiprocessing Event that ``init_keep`` kept."""
     _KEPT.set()
     return True
+
+
+def square_or_crash_once(x: int, directory: str) -> int:
+    """``x * x``; input 3 kills its worker the first time it runs, input 7 always raises."""
+    if x == 3 and _claim_once(directory, "crash-3"):
+        os._exit(9)
+    if x == 7:
+        raise ValueError("seven")
+    return x * x

@@ -237,6 +237,20 @@ def test_map_and_options_map_keep_order(pool: DaskPool) -> None:
     assert sorted(pool.imap_unordered(square, range(10))) == sorted(i * i for i in range(10))
 
 
+def test_progress_counts_the_same_on_the_dask_pool(pool: DaskPool) -> None:
+    seen: dict[str, Any] = {}
+
+    def keep(counts: Any) -> None:
+        seen[counts.label] = counts
+
+    assert list(pool.map(square, range(20), progress=keep)) == [i * i for i in range(20)]
+    assert sorted(pool.imap_unordered(square, range(10), progress=keep)) == sorted(i * i for i in range(10))
+    assert [o.value for o in pool.batch(square, range(5), progress=keep)] == [0, 1, 4, 9, 16]
+    for label, total in (("map", 20), ("imap_unordered", 10), ("batch", 5)):
+        final = seen[label]
+        assert final.finished and (final.total, final.done, final.failed) == (total, total, 0)
+
+
 def test_asyncio_run_and_as_completed_async(pool: DaskPool) -> None:
     async def main() -> tuple[int, list[int]]:
         one = await pool.run(square, 9)
