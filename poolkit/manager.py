@@ -88,8 +88,6 @@ READY = "ready"
 KILLING = "killing"
 # A retiring worker (flag ``retiring``) takes no new job; it leaves once idle.
 
-_JOB_FRAME_HEAD = wire.JOB_FRAME_HEAD
-_KIND_JOB = int(wire.Kind.JOB)
 
 _live_managers: weakref.WeakSet[Manager] = weakref.WeakSet()
 
@@ -129,14 +127,7 @@ class Job:
         self.started_at = 0.0
 
     def frame(self) -> tuple[bytes, ...]:
-        meta, payload = self.meta, self.payload
-        size = wire.JOB_HEAD.size + len(meta) + len(payload)
-        head = _JOB_FRAME_HEAD.pack(
-            size, _KIND_JOB, self.seq, self.attempt, len(meta), self.timeout or 0.0
-        )
-        if len(payload) < 65536:
-            return (head + meta + payload,)
-        return (head + meta, payload)  # a large payload is sent as it is, not copied
+        return wire.encode_job(self.seq, self.attempt, self.timeout, self.meta, self.payload)
 
 
 class Worker:
@@ -521,16 +512,11 @@ class Manager:
         self._control_reader = wire.FrameReader()
         self._selector.register(parent_end, selectors.EVENT_READ, "control")
         if method == "forkserver":  # before any SPAWN: the template loads it once for all workers
-            self._send_control(wire.frame(wire.Kind.WORKER_CONFIG, self._config_bytes))
+            self._send_control(wire.encode_worker_config(self._config_bytes))
         config = self.config
         self._send_control(
-            wire.frame(
-                wire.Kind.LIMITS,
-                wire.LIMITS_SETTINGS.pack(
-                    config.kill_grace,
-                    config.memory_limit_per_child or 0,
-                    config.memory_check_interval,
-                ),
+            wire.encode_limits(
+                config.kill_grace, config.memory_limit_per_child, config.memory_check_interval
             )
         )
 
@@ -560,18 +546,18 @@ class Manager:
         self._control_reader.feed(data)
         for kind, body in self._control_reader.frames():
             if kind == wire.Kind.SPAWNED:
-                worker_id, pid = wire.SPAWNED.unpack_from(body)
+                worker_id, pid = wire.decode_spawned(body)
                 worker = self._workers.get(worker_id)
                 if worker is not None:
                     worker.pid = pid
                     self.log.info("worker.spawned", worker_id=worker_id, pid=pid)
             elif kind == wire.Kind.EXITED:
-                worker_id, pid, exitcode = wire.EXITED.unpack_from(body)
+                worker_id, pid, exitcode = wire.decode_exited(body)
                 worker = self._workers.get(worker_id)
                 if worker is not None:
                     self._worker_exited(worker, exitcode, now)
             elif kind == wire.Kind.LIMIT:
-                worker_id, pid, seq, reason, rss = wire.LIMIT.unpack_from(body)
+                worker_id, pid, seq, reason, rss = wire.decode_limit(body)
                 self._limit_reached(worker_id, seq, reason, rss, now)
 
     def _limit_reached(self, worker_id: int, seq: int, reason: int, rss: int, now: float) -> None:
@@ -799,7 +785,7 @@ class Manager:
         self._spawn_backoff = 0.0
         try:
             ok = self._send_control(
-                wire.frame(wire.Kind.SPAWN, wire.WORKER_HEAD.pack(worker.worker_id, worker.max_jobs or 0)),
+                wire.encode_spawn(worker.worker_id, worker.max_jobs),
                 [child_end.fileno()],
             )
         finally:
@@ -836,11 +822,7 @@ class Manager:
             )
         if self._exec_workers:  # a fresh interpreter: the template's copy of the config is not there
             worker.outbox.append(
-                wire.frame(
-                    wire.Kind.CONFIG,
-                    wire.WORKER_HEAD.pack(worker_id, worker.max_jobs or 0),
-                    self._config_bytes,
-                )
+                wire.encode_config(worker_id, worker.max_jobs, self._config_bytes)
             )
         return worker
 
@@ -865,7 +847,7 @@ class Manager:
         if worker.retire_sent:
             return
         worker.retire_sent = True
-        worker.outbox.append(wire.frame(wire.Kind.RETIRE))
+        worker.outbox.append(wire.encode_retire())
         self._flush(worker)
         self._expect_exit(worker, time.monotonic())
 
@@ -883,7 +865,7 @@ class Manager:
                 self._count_retirement(worker, reason)
                 worker.kill_reason = reason
             if signum == signal.SIGKILL and worker.pid is not None:
-                self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signum)))
+                self._send_control(wire.encode_kill(worker.pid, signum))
             return
         self._count_retirement(worker, reason)
         worker.state = KILLING
@@ -893,7 +875,7 @@ class Manager:
             self._requeue(worker)
             worker.inflight.appendleft(head)
         if worker.pid is not None:
-            self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signum)))
+            self._send_control(wire.encode_kill(worker.pid, signum))
         worker.exit_deadline = now + self.config.kill_grace
 
     def _count_retirement(self, worker: Worker, reason: str) -> None:
@@ -1056,7 +1038,7 @@ class Manager:
             # Died while starting: wait for its exit status before replacing it,
             # so that a failing initializer is counted before another fork.
             if worker.pid is not None:
-                self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL)))
+                self._send_control(wire.encode_kill(worker.pid, signal.SIGKILL))
         elif worker.state != KILLING:
             # End of stream means the process is dying (or closed its socket, which
             # makes it useless). Act now rather than when the exit status comes:
@@ -1068,7 +1050,7 @@ class Manager:
                 self._requeue(worker)
                 worker.inflight.appendleft(head)
             if worker.pid is not None:
-                self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL)))
+                self._send_control(wire.encode_kill(worker.pid, signal.SIGKILL))
         if worker.exit_deadline is None:
             worker.exit_deadline = now + self.config.kill_grace
 
@@ -1081,13 +1063,13 @@ class Manager:
         last_progress: dict[int, int] = {}
         for index, (kind, body) in enumerate(frames):
             if kind == wire.Kind.PROGRESS:
-                last_progress[wire.SEQ.unpack_from(body)[0]] = index
+                last_progress[wire.decode_progress_seq(body)[0]] = index
         progress_started: float | None = None
         for index, (kind, body) in enumerate(frames):
             if kind == wire.Kind.RESULT:
                 self._on_result(worker, body, now)
             elif kind == wire.Kind.PROGRESS:
-                (seq,) = wire.SEQ.unpack_from(body)
+                (seq,) = wire.decode_progress_seq(body)
                 if progress_started is None:
                     progress_started = time.perf_counter()
                 elif (
@@ -1098,13 +1080,13 @@ class Manager:
                 for job in worker.inflight:
                     if job.seq == seq:
                         try:
-                            value = loads(memoryview(body)[wire.SEQ.size :])
+                            value = loads(wire.progress_payload(body))
                         except BaseException:
                             break  # a progress value that will not load is dropped
                         job.future._set_progress(value)
                         break
             elif kind == wire.Kind.READY:
-                (pid,) = wire.PID.unpack_from(body)
+                pid = wire.decode_ready(body)
                 worker.pid = pid
                 if worker.state == STARTING:
                     worker.state = READY
@@ -1116,7 +1098,7 @@ class Manager:
                         head.started_at = now
                         head.future.pid = pid
             elif kind == wire.Kind.RETIRING:
-                (rss,) = wire.PID.unpack_from(body)
+                rss = wire.decode_retiring(body)
                 worker.rss = rss
                 worker.self_retired = True
                 self._expect_exit(worker, now)
@@ -1147,7 +1129,7 @@ class Manager:
                 self._break(error)
 
     def _on_result(self, worker: Worker, body: bytes | bytearray, now: float) -> None:
-        seq, outcome, wall, cpu, peak, rss = wire.RESULT_HEAD.unpack_from(body)
+        seq, outcome, wall, cpu, peak, rss = wire.decode_result_head(body)
         inflight = worker.inflight
         if not inflight or inflight[0].seq != seq:
             return  # a job we already gave up on (timed out, terminated)
@@ -1183,7 +1165,7 @@ class Manager:
             wall, cpu, peak, rss, worker.worker_id, worker.pid or 0, job.attempt, retire_reason
         )
         if not future.done():
-            self._resolve(future, outcome, memoryview(body)[wire.RESULT_HEAD.size :])
+            self._resolve(future, outcome, wire.result_payload(body))
         if self._debug:
             self.log.debug(
                 "job.done", job_id=future.job_id, worker_id=worker.worker_id, pid=worker.pid, wall=wall
@@ -1237,7 +1219,7 @@ class Manager:
         if due is Due.EXIT:
             worker.exit_deadline = now + self.config.kill_grace
             if worker.pid is not None:
-                self._send_control(wire.frame(wire.Kind.KILL, wire.KILL.pack(worker.pid, signal.SIGKILL)))
+                self._send_control(wire.encode_kill(worker.pid, signal.SIGKILL))
         elif due is Due.START:
             self.log.warning("worker.start_timeout", worker_id=worker.worker_id, pid=worker.pid)
             self._kill(worker, "start_timeout", signal.SIGKILL, now)
@@ -1316,7 +1298,7 @@ class Manager:
                 else:
                     # Sent ahead, not started: tell the worker to skip it. If it
                     # starts anyway (the message crossed), _fire_timers kills it.
-                    worker.outbox.append(wire.frame(wire.Kind.CANCEL, wire.SEQ.pack(job.seq)))
+                    worker.outbox.append(wire.encode_cancel(job.seq))
                     self._flush(worker)
                 return
 

@@ -68,11 +68,8 @@ class _ParentGone(Exception):
     pass
 
 
-# Whole frame headers of the two messages the template sends per worker, built
-# once: between two forks every object the loop touches is a copy-on-write
-# fault in this process (see _Template.loop).
-_SPAWNED_HEAD = wire.HEADER.pack(wire.SPAWNED.size, wire.Kind.SPAWNED)
-_EXITED_HEAD = wire.HEADER.pack(wire.EXITED.size, wire.Kind.EXITED)
+# Built once: between two forks every object the loop touches is a
+# copy-on-write fault in this process (see _Template.loop).
 _SPAWN = int(wire.Kind.SPAWN)
 _KILL = int(wire.Kind.KILL)
 _WORKER_CONFIG = int(wire.Kind.WORKER_CONFIG)
@@ -144,7 +141,7 @@ class _Template:
                 for worker_id, pid, slot in started:
                     self.children[pid] = worker_id
                     self.enforcer.add(pid, slot, worker_id)
-                    self.send(_SPAWNED_HEAD + wire.SPAWNED.pack(worker_id, pid))
+                    self.send(wire.encode_spawned(worker_id, pid))
                 self.reap()  # one may have died before SIGCHLD had a handler here
                 self.loop()
             finally:
@@ -207,15 +204,14 @@ class _Template:
         self.reader.feed(data)
         for kind, body in self.reader.frames():
             if kind == _SPAWN:
-                worker_id, max_jobs = wire.WORKER_HEAD.unpack_from(body)
+                worker_id, max_jobs = wire.decode_spawn(body)
                 self.fork_worker(worker_id, max_jobs, self.fds.popleft())
             elif kind == _KILL:
-                pid, signum = wire.KILL.unpack_from(body)
+                pid, signum = wire.decode_kill(body)
                 if pid in self.children:
                     self.signal_group(pid, signum)
             elif kind == _LIMITS:
-                kill_grace, memory_limit, interval = wire.LIMITS_SETTINGS.unpack_from(body)
-                self.limits = (kill_grace, memory_limit or None, interval)
+                self.limits = wire.decode_limits(body)
                 self.limits_changed = True
             elif kind == _WORKER_CONFIG:
                 self.config = load_config(body)
@@ -238,7 +234,7 @@ class _Template:
         os.close(fd)
         self.children[pid] = worker_id
         self.enforcer.add(pid, slot, worker_id)
-        self.send(_SPAWNED_HEAD + wire.SPAWNED.pack(worker_id, pid))
+        self.send(wire.encode_spawned(worker_id, pid))
 
     def become_worker(self, worker_id: int, max_jobs: int, fd: int, slot: int) -> None:
         try:
@@ -302,7 +298,7 @@ class _Template:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            self.send(_EXITED_HEAD + wire.EXITED.pack(worker_id, pid, _exit_code(status)))
+            self.send(wire.encode_exited(worker_id, pid, _exit_code(status)))
 
     def kill_all(self) -> None:
         for pid in list(self.children):

@@ -38,9 +38,6 @@ from .serialization import dumps, format_exception, loads
 __all__ = ["load_config", "main", "rehearse", "serve", "worker_socket"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-# Built once, not per worker: every object a new worker touches is a
-# copy-on-write fault (see rehearse).
-_READY_HEAD = wire.HEADER.pack(wire.PID.size, wire.Kind.READY)
 
 
 def _pickled_error(exc: BaseException) -> bytes:
@@ -156,7 +153,7 @@ class _Channel:
         self.progress(seq, value)
 
     def progress(self, seq: int, value: Any) -> None:
-        data = wire.frame(wire.Kind.PROGRESS, wire.SEQ.pack(seq), dumps(value))
+        data = wire.encode_progress(seq, dumps(value))
         with self._lock:
             self._pending_progress = data
             self._flush_progress(block=False)
@@ -186,14 +183,12 @@ def _run_job(
     memory: _Memory,
     watch: JobWatch | None = None,
 ) -> None:
-    seq, attempt, meta_len, timeout = wire.JOB_HEAD.unpack_from(body)
+    seq, attempt, timeout, meta, payload = wire.decode_job(body)
     channel.seq = seq
-    offset = wire.JOB_HEAD.size
     job_id: str = str(seq)
     job_type: str | None = None
-    if meta_len:
-        job_id, job_type = loads(memoryview(body)[offset : offset + meta_len])
-    payload = memoryview(body)[offset + meta_len :]
+    if meta is not None:
+        job_id, job_type = loads(meta)
     started = time.perf_counter()
     cpu_started = time.process_time()
     deadline = time.monotonic() + timeout if timeout else None
@@ -230,15 +225,16 @@ def _run_job(
         context.leave_job()
         if watch is not None:
             watch.stop()
-    head = wire.RESULT_HEAD.pack(
+    head = wire.encode_result_head(
         seq,
         outcome,
         time.perf_counter() - started,
         time.process_time() - cpu_started,
         memory.peak(),
         memory.rss(),
+        len(data),
     )
-    channel.send_parts(wire.HEADER.pack(len(head) + len(data), wire.Kind.RESULT) + head, data)
+    channel.send_parts(head, data)
 
 
 def _finalize(config: WorkerConfig) -> None:
@@ -278,7 +274,7 @@ class _Inbox:
     def _take(self) -> None:
         for kind, body in self.reader.frames():
             if kind == wire.Kind.CANCEL:
-                self.cancelled.add(wire.SEQ.unpack_from(body)[0])
+                self.cancelled.add(wire.decode_cancel(body))
             else:
                 self.frames.append((kind, body))
 
@@ -318,8 +314,7 @@ class _Inbox:
 
 
 def _skip_job(channel: _Channel, seq: int) -> None:
-    head = wire.RESULT_HEAD.pack(seq, wire.OUTCOME_SKIPPED, 0.0, 0.0, 0, 0)
-    channel.send(wire.HEADER.pack(len(head), wire.Kind.RESULT) + head)
+    channel.send(wire.encode_skipped(seq))
 
 
 def serve(
@@ -349,7 +344,7 @@ def _serve(
     watch: JobWatch | None,
 ) -> NoReturn:
     if isinstance(config, BaseException):
-        channel.send(wire.frame(wire.Kind.INIT_FAILED, _pickled_error(config)))
+        channel.send(wire.encode_init_failed(_pickled_error(config)))
         _exit(1)
     if watch is not None:
         watch.memory = config.memory_limit_per_child is not None
@@ -370,9 +365,9 @@ def _serve(
             import logging
 
             logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
-            channel.send(wire.frame(wire.Kind.INIT_FAILED, _pickled_error(exc)))
+            channel.send(wire.encode_init_failed(_pickled_error(exc)))
             _exit(1)
-    channel.send(_READY_HEAD + wire.PID.pack(os.getpid()))
+    channel.send(wire.encode_ready(os.getpid()))
     # After the initializer: what it set up is the state every job starts from.
     baseline = Baseline()
     channel.leftover_threads = baseline.leftover_threads
@@ -385,7 +380,7 @@ def _serve(
             _exit(0)
         kind, body = item
         if kind == wire.Kind.JOB:
-            seq = wire.SEQ.unpack_from(body)[0]
+            (seq,) = wire.decode_job_seq(body)
             if seq in inbox.cancelled:
                 inbox.cancelled.discard(seq)
                 _skip_job(channel, seq)
@@ -404,7 +399,7 @@ def _serve(
             if limit is not None and memory.rss() > limit:
                 # Too big to take another job: leave now; unstarted jobs stay
                 # unanswered and the pool re-queues them.
-                channel.send(wire.frame(wire.Kind.RETIRING, wire.PID.pack(memory.rss())))
+                channel.send(wire.encode_retiring(memory.rss()))
                 _finalize(config)
                 _exit(0)
         elif kind == wire.Kind.RETIRE:
@@ -452,9 +447,9 @@ def rehearse(rounds: int = 8) -> None:
         inbox = _Inbox(channel)
         meta = dumps(("rehearsal", "rehearsal"))
         payload = dumps((_rehearsal_job, (), {}))
-        job_head = wire.JOB_HEAD.pack(1, 1, len(meta), 0.0)
+        job = b"".join(wire.encode_job(1, 1, None, meta, payload))
         for _ in range(rounds):
-            theirs.sendall(wire.frame(wire.Kind.JOB, job_head, meta, payload))
+            theirs.sendall(job)
             item = inbox.next()
             assert item is not None
             memory.reset_peak()
@@ -513,8 +508,8 @@ def main(argv: list[str] | None = None) -> None:
     if first is None or first[0] != wire.Kind.CONFIG:
         _exit(3)
     body = first[1]
-    worker_id, max_jobs = wire.WORKER_HEAD.unpack_from(body)
-    config = load_config(memoryview(body)[wire.WORKER_HEAD.size :])
+    worker_id, max_jobs, pickled = wire.decode_config(body)
+    config = load_config(pickled)
     _serve(channel, inbox, worker_id, max_jobs, config, watch)
 
 
