@@ -271,3 +271,16 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-6000:]
     assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+def test_every_diagram_is_rendered_and_no_rendering_is_left_over() -> None:
+    """The site shows each ```mermaid block as its SVG (tools/diagrams.py): none missing, none stale."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "render_diagrams.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, (
+        f"diagrams out of date; run `python tools/render_diagrams.py`:\n{done.stdout}{done.stderr}"
+    )
