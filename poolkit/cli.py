@@ -51,6 +51,7 @@ from .progress import (
     make_run_display,
     print_summary,
 )
+from .resume import Previous, ResumeError, input_hash, read_previous
 from .serialization import dumps
 from .stats import PoolStats
 
@@ -109,6 +110,17 @@ interrupting:
   end, and every input without a result gets a final line with status
   "not_run" (for a file INPUT, including the lines not read yet; for stdin,
   stderr says after which line reading stopped). Exit status 130 (143).
+
+resuming:
+  Every record holds "input_hash", a hash of its input line. With --resume
+  OUTPUT, poolkit reads OUTPUT, keeps the records of inputs that finished ("ok",
+  and "error" unless --retry-failed), runs every other input line and appends
+  to OUTPUT, which ends with exactly one record per input. Records are matched
+  to input lines by line number and hash: if a line changed since, the run is
+  refused (exit status 2; for a file INPUT before anything runs). A run killed
+  at any moment, even by SIGKILL, can be resumed: a partly written last record
+  and the "not_run" records of an interrupted run are dropped and redone.
+  OUTPUT missing: the run starts from the beginning.
 
 examples:
   poolkit run mymod:score inputs.jsonl -o out.jsonl --workers 4
@@ -225,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between plain progress lines (default: 2)",
     )
     out.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary; errors only")
+    again = run.add_argument_group("resuming an earlier run")
+    again.add_argument(
+        "--resume", metavar="OUTPUT",
+        help="continue the run that wrote OUTPUT: skip the inputs it finished, run the rest, "
+        "append to OUTPUT (see 'resuming' below)",
+    )
+    again.add_argument(
+        "--retry-failed", action="store_true", help="with --resume: run the inputs that failed again too"
+    )
     run.set_defaults(handler=_cmd_run, subparser=run)
 
     demo = commands.add_parser(
@@ -477,12 +498,12 @@ class _OutputFailed(Exception):
 class _Output:
     """One JSON line per record, flushed each time so that an interrupted run keeps its results."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, append: bool = False) -> None:
         self.path = path
         self._file: TextIO | None = None
         if path != "-":
             try:
-                self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+                self._file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
             except OSError as exc:
                 raise UsageError(f"cannot write output file {path!r}: {exc.strerror or exc}") from None
 
@@ -538,6 +559,7 @@ def _invalid_record(index: int, lineno: int, raw: bytes, message: str) -> dict[s
     return {
         "index": index,
         "line": lineno,
+        "input_hash": input_hash(raw),
         "status": "error",
         "input": None,
         "raw": text if len(text) <= 1000 else text[:1000] + "...",
@@ -549,10 +571,11 @@ def _invalid_record(index: int, lineno: int, raw: bytes, message: str) -> dict[s
     }
 
 
-def _not_run_record(index: int, lineno: int, value: Any) -> dict[str, Any]:
+def _not_run_record(index: int, lineno: int, digest: str, value: Any) -> dict[str, Any]:
     return {
         "index": index,
         "line": lineno,
+        "input_hash": digest,
         "status": "not_run",
         "input": value,
         "attempts": 0,
@@ -587,16 +610,19 @@ class _RunState:
         display: RunDisplay,
         tally: RunTally,
         interrupts: _Interrupts,
+        previous: Previous | None,
     ) -> None:
         self.args = args
+        self.previous = previous  # with --resume: the inputs an earlier run finished
+        self.skipped = 0
         self.output = output
         self.display = display
         self.tally = tally
         self.interrupts = interrupts
         self.next_index = 0  # inputs (non-blank lines) registered so far
         self.lines_read = 0  # the last line number fully registered
-        # batch index -> (input index, line, value) for inputs sent and not yet written
-        self.pending: dict[int, tuple[int, int, Any]] = {}
+        # batch index -> (input index, line, input hash, value) for inputs sent and not yet written
+        self.pending: dict[int, tuple[int, int, str, Any]] = {}
         self.batch_count = 0
         self.held_invalid: deque[tuple[int, dict[str, Any]]] = deque()  # --ordered only
         self.errors: Counter[str] = Counter()
@@ -613,12 +639,17 @@ class _RunState:
                     self.lines_read = lineno
                 continue
             with self.interrupts.protect():
+                if self.previous is not None and self.previous.skips(lineno, raw):
+                    self.next_index += 1
+                    self.lines_read = lineno
+                    self.skipped += 1
+                    continue
                 ok, value = _parse_line(raw, self.args.star)
                 index = self.next_index
                 self.next_index += 1
                 self.lines_read = lineno
                 if ok:
-                    self.pending[self.batch_count] = (index, lineno, value)
+                    self.pending[self.batch_count] = (index, lineno, input_hash(raw), value)
                     self.batch_count += 1
                 else:
                     self._invalid(index, lineno, raw, value)
@@ -650,12 +681,12 @@ class _RunState:
 
     def outcome(self, outcome: Outcome[Any]) -> None:
         """Write one finished input (called inside ``protect``)."""
-        index, lineno, value = self.pending.pop(outcome.index)
+        index, lineno, digest, value = self.pending.pop(outcome.index)
         if self.args.ordered:
             self._release_invalid(index)
         ok = outcome.ok
         error = outcome.error or "Error"
-        record: dict[str, Any] = {"index": index, "line": lineno}
+        record: dict[str, Any] = {"index": index, "line": lineno, "input_hash": digest}
         if ok:
             record.update(status="ok", input=value, result=outcome.value)
         else:
@@ -698,8 +729,8 @@ class _RunState:
         """
         leftovers: list[tuple[int, dict[str, Any]]] = list(self.held_invalid)
         self.held_invalid.clear()
-        for index, lineno, value in self.pending.values():
-            leftovers.append((index, _not_run_record(index, lineno, value)))
+        for index, lineno, digest, value in self.pending.values():
+            leftovers.append((index, _not_run_record(index, lineno, digest, value)))
         self.pending.clear()
         leftovers.sort(key=lambda item: item[0])
         for _, record in leftovers:
@@ -712,11 +743,13 @@ class _RunState:
             lineno += 1
             if not raw.strip():
                 continue
-            ok, value = _parse_line(raw, self.args.star)
             index = self.next_index
             self.next_index += 1
+            if self.previous is not None and self.previous.skips(lineno, raw):
+                continue
+            ok, value = _parse_line(raw, self.args.star)
             if ok:
-                self._record_leftover(_not_run_record(index, lineno, value))
+                self._record_leftover(_not_run_record(index, lineno, input_hash(raw), value))
             else:
                 self._write(_invalid_record(index, lineno, raw, value), ok=False, error="InvalidInput")
         return None
@@ -754,9 +787,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     fn = resolve_function(args.target)
     if args.retry_exceptions and args.retries == 0:
         raise UsageError("--retry-exceptions needs --retries N (N >= 1)")
+    _check_resume_args(args)
     stream, input_is_file = _open_input(args.input)
     try:
-        output = _Output(args.output)
+        previous = _previous_run(args, stream, input_is_file)
+        output = _Output(args.output, append=previous is not None)
     except UsageError:
         if input_is_file:
             stream.close()
@@ -764,13 +799,53 @@ def _cmd_run(args: argparse.Namespace) -> int:
     pool = None
     try:
         pool = _make_pool(args)
-        return _run(args, fn, pool, stream, input_is_file, output)
+        return _run(args, fn, pool, stream, input_is_file, output, previous)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         output.close()
         if input_is_file:
             stream.close()
+
+
+def _check_resume_args(args: argparse.Namespace) -> None:
+    """``--resume OUTPUT`` is where the output goes; refuse what contradicts it, before reading anything."""
+    if args.resume is None:
+        if args.retry_failed:
+            raise UsageError("--retry-failed needs --resume OUTPUT (the output of the run to continue)")
+        return
+    if args.resume == "-":
+        raise UsageError("--resume needs a file: the output file of the run to continue")
+    if args.output not in ("-", args.resume) and os.path.abspath(args.output) != os.path.abspath(args.resume):
+        raise UsageError(
+            f"--resume writes to the file it resumes ({args.resume!r}); leave out -o or give the same file"
+        )
+    args.output = args.resume
+
+
+def _previous_run(args: argparse.Namespace, stream: BinaryIO, input_is_file: bool) -> Previous | None:
+    """With ``--resume``: what the earlier run finished, checked against a file input, its file tidied.
+
+    The file keeps only the records of finished inputs (see ``poolkit.resume``)
+    before anything runs, so that the records appended after them make exactly
+    one per input.
+    """
+    if args.resume is None:
+        return None
+    if not os.path.exists(args.resume):
+        sys.stderr.write(f"poolkit: nothing to resume: {args.resume!r} does not exist; starting from the beginning\n")
+        return Previous(args.resume)
+    try:
+        previous = read_previous(args.resume, retry_failed=args.retry_failed)
+        if input_is_file:
+            previous.check_all(stream)
+        if previous.dropped:
+            previous.rewrite()
+    except ResumeError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot rewrite {args.resume!r}: {exc.strerror or exc}") from None
+    return previous
 
 
 def _run(
@@ -780,12 +855,15 @@ def _run(
     stream: BinaryIO,
     input_is_file: bool,
     output: _Output,
+    previous: Previous | None = None,
 ) -> int:
-    tally = RunTally(total=_count_lines(stream))
+    lines = _count_lines(stream)
+    finished_before = 0 if previous is None else len(previous.done)
+    tally = RunTally(total=None if lines is None else lines - finished_before)
     mode = "none" if args.quiet else args.progress
     display, console = make_run_display(mode, tally, interval=args.progress_interval)
     interrupts = _Interrupts()
-    state = _RunState(args, output, display, tally, interrupts)
+    state = _RunState(args, output, display, tally, interrupts, previous)
     tracker = _TrackingPool(pool)
     poller = StatsPoller(pool.stats, lambda s: setattr(tally, "recycled", s.recycled))
     stopped_by: int | None = None
@@ -847,7 +925,7 @@ def _run(
             f"poolkit: interrupted by {name}; workers stopped; {state.not_run} inputs did not run "
             f"(status \"not_run\" in the output)\n"
         )
-    if isinstance(failure, _OutputFailed):
+    if isinstance(failure, (_OutputFailed, ResumeError)):
         sys.stderr.write(f"poolkit: the run stopped: {failure}\n")
     elif failure is not None:
         sys.stderr.write(f"poolkit: the run stopped: {type(failure).__name__}: {failure}\n")
@@ -855,9 +933,12 @@ def _run(
         _print_run_summary(args, state, tally, final, wall, console, rich_table=isinstance(display, RichRunDisplay))
     if stopped_by is not None:
         return EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
+    if isinstance(failure, ResumeError):
+        return EXIT_USAGE  # the input changed under --resume: the caller's mistake, not a job's
     if failure is not None:
         return EXIT_FAILURES
-    if tally.failed and not args.allow_failures:
+    failed_before = 0 if previous is None else previous.failed  # the output file holds those too
+    if (tally.failed or failed_before) and not args.allow_failures:
         return EXIT_FAILURES
     return EXIT_OK
 
@@ -902,8 +983,14 @@ def _print_run_summary(
 ) -> None:
     total = tally.done + state.not_run
     failed = ", ".join(f"{name} {count}" for name, count in state.errors.most_common())
-    rows = [
-        ("inputs", str(total)),
+    rows = [("inputs", str(total + state.skipped))]
+    if state.previous is not None:
+        earlier = state.previous
+        rows.append(
+            ("skipped", f"{state.skipped} (done in an earlier run; {earlier.ok} ok, {earlier.failed} failed)")
+        )
+        rows.append(("run", f"{tally.done} this time"))
+    rows += [
         ("ok", str(tally.ok)),
         ("failed", f"{tally.failed}" + (f" ({failed})" if failed else "")),
     ]

@@ -73,3 +73,16 @@ class _HoldsLock:
 
 
 unpicklable = _HoldsLock()
+
+
+def slow_square(x: int) -> int:
+    """``x * x`` after 20 ms: a run long enough to be killed part way through."""
+    time.sleep(0.02)
+    return x * x
+
+
+def fail_once_per_marker(x: int) -> int:
+    """Raises ValueError for a negative input unless ``$POOLKIT_TEST_HEALED`` is set: a fixable failure."""
+    if x < 0 and not os.environ.get("POOLKIT_TEST_HEALED"):
+        raise ValueError(f"negative input: {x}")
+    return abs(x)
