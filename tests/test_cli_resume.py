@@ -74,7 +74,7 @@ def test_kills_at_random_moments_then_resume_give_one_record_per_input(tmp_path:
             proc.wait(timeout=30)
             kills += 1
             # the pool's processes follow their parent (parent-death signal): none is left
-            gone, alive = psutil.wait_procs(children, timeout=30)
+            _, alive = psutil.wait_procs(children, timeout=30)
             assert not alive, f"left behind after SIGKILL: {alive}"
         finally:
             assert proc.stderr is not None
