@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from .batch import Outcome
+from .job_progress import ProgressArg
 from .pool import Pool
 
 __all__ = ["batch"]
@@ -37,6 +38,7 @@ def batch(
     ordered: bool = True,
     chunksize: int | None = None,
     max_in_flight: int | None = None,
+    progress: ProgressArg = None,
     **pool_options: Any,
 ) -> Iterator[Outcome[T]]:
     """Run ``fn`` on every input in a pool of its own; yield an [`Outcome`][poolkit.Outcome] per input.
@@ -58,6 +60,9 @@ def batch(
         chunksize: inputs sent to a worker at a time; default: sized from
             the measured duration of the first inputs (1 with ``timeout``).
         max_in_flight: bound on chunks sent but not yet answered.
+        progress: True shows the run's progress on stderr (a live bar on a
+            terminal, plain lines elsewhere); a callable receives
+            [`ProgressCounts`][poolkit.ProgressCounts] instead.
         **pool_options: any other keyword argument of [`Pool`][poolkit.Pool], such as
             ``max_tasks_per_child``, ``max_memory_per_child`` or ``initializer``.
 
@@ -81,6 +86,7 @@ def batch(
             ordered=ordered,
             chunksize=chunksize,
             max_in_flight=max_in_flight,
+            progress=progress,
         )
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -89,6 +89,14 @@ def _star_square_or_crash_once(args: tuple[int, str]) -> int:
     return jobs.square_or_crash_once(*args)
 
 
+def test_the_batch_function_takes_progress_too(leak_check: LeakCheck) -> None:
+    recorder = Recorder()
+    assert [o.value for o in poolkit.batch(jobs.square, range(7), max_workers=2, progress=recorder)] == [
+        x * x for x in range(7)
+    ]
+    assert (recorder.final.total, recorder.final.done) == (7, 7)
+
+
 def test_an_abandoned_batch_ends_its_progress(leak_check: LeakCheck) -> None:
     recorder = Recorder()
     with poolkit.Pool(2) as pool:
