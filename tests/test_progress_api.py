@@ -60,8 +60,8 @@ def test_map_with_many_iterables_and_a_failure(leak_check: LeakCheck) -> None:
         it = pool.map(jobs.square_or_crash, [1, 2, 3], [(), (2,), ()], progress=recorder)
         with pytest.raises(poolkit.WorkerCrashed):
             list(it)
-    final = recorder.final
-    assert final.total == 3 and final.failed >= 1 and final.settled == 3
+    final = recorder.final  # the caller stopped at the error: input 3 may still have been running
+    assert final.total == 3 and final.failed >= 1 and final.done >= 1
 
 
 def test_imap_unordered_learns_the_total_when_the_stream_ends(leak_check: LeakCheck) -> None:
