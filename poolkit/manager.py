@@ -31,7 +31,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import random
 import selectors
 import signal
 import socket
@@ -66,129 +65,23 @@ from .stats import PoolStats, WorkerInfo
 from .template import serve_forked as serve_forked_template
 from .timers import Due, Timers
 from .worker import load_prctl
+from .worker_table import Job, RetireReason, Worker, WorkerState, WorkerTable
 
 load_prctl()
 
-__all__ = ["Job", "Manager"]
+__all__ = ["Job", "Manager"]  # Job is the worker table's; pool.py takes it from here
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _MAX_WINDOW = 64
 _TINY_JOB = 0.002  # seconds: jobs shorter than this are worth pipelining
 _START_FAILURES_BEFORE_BROKEN = 3
-_SOCKET_BUFFER = 4 << 20
 _LONG_MIN = 0.001  # seconds: a job running longer than this and 5x the mean gets nothing queued behind it
 _SPAWN_BACKOFF_MIN = 0.01  # seconds before retrying a spawn that found no descriptor; doubles
 _SPAWN_BACKOFF_MAX = 1.0
 _ABORT_WAIT = 5.0  # seconds shutdown waits for a pool it has just aborted (Ctrl-C) before leaving
 _PROGRESS_BUDGET = 0.005  # seconds of progress callbacks per batch before stale values are dropped
 
-# Worker states
-STARTING = "starting"
-READY = "ready"
-KILLING = "killing"
-# A retiring worker (flag ``retiring``) takes no new job; it leaves once idle.
-
-
 _live_managers: weakref.WeakSet[Manager] = weakref.WeakSet()
-
-
-class Job:
-    """One submitted call, as the manager tracks it."""
-
-    __slots__ = (
-        "attempt",
-        "dispatched",
-        "future",
-        "meta",
-        "payload",
-        "retries_left",
-        "seq",
-        "started_at",
-        "timeout",
-    )
-
-    def __init__(
-        self,
-        seq: int,
-        future: JobFuture[Any],
-        payload: bytes,
-        meta: bytes,
-        timeout: float | None,
-        retries: int = 0,
-    ) -> None:
-        self.seq = seq
-        self.future = future
-        self.payload = payload
-        self.meta = meta
-        self.timeout = timeout
-        self.attempt = 1
-        self.retries_left = retries
-        self.dispatched = False
-        self.started_at = 0.0
-
-    def frame(self) -> tuple[bytes, ...]:
-        return wire.encode_job(self.seq, self.attempt, self.timeout, self.meta, self.payload)
-
-
-class Worker:
-    """One worker process, as the manager tracks it."""
-
-    __slots__ = (
-        "born",
-        "cpu",
-        "eof",
-        "exit_deadline",
-        "idle_since",
-        "inflight",
-        "jobs_assigned",
-        "jobs_done",
-        "kill_reason",
-        "lifetime",
-        "max_jobs",
-        "outbox",
-        "pid",
-        "reader",
-        "retire_reason",
-        "retire_sent",
-        "retiring",
-        "rss",
-        "self_retired",
-        "sock",
-        "state",
-        "wants_write",
-        "was_ready",
-        "worker_id",
-    )
-
-    def __init__(self, worker_id: int, sock: socket.socket, now: float) -> None:
-        self.worker_id = worker_id
-        self.sock = sock
-        self.reader = wire.FrameReader()
-        self.pid: int | None = None
-        self.state = STARTING
-        self.outbox: deque[bytes | memoryview] = deque()
-        self.wants_write = False
-        self.inflight: deque[Job] = deque()
-        self.jobs_assigned = 0
-        self.jobs_done = 0
-        self.max_jobs: int | None = None
-        self.lifetime: float | None = None
-        self.born = now
-        self.idle_since = now
-        self.retire_reason: str | None = None
-        self.retiring = False
-        self.was_ready = False
-        self.retire_sent = False
-        self.kill_reason: str | None = None
-        self.exit_deadline: float | None = None
-        self.self_retired = False
-        self.eof = False
-        self.rss = 0
-        self.cpu = 0.0
-
-    @property
-    def live(self) -> bool:
-        return self.state != KILLING and not self.retiring
 
 
 class _StatsRequest:
@@ -260,8 +153,8 @@ class Manager:
         self._wake_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._worker_ids = itertools.count(1)
-        self._workers: dict[int, Worker] = {}
+        self._table = WorkerTable(config)
+        self._workers = self._table.workers  # by id; the table changes it, the loop reads it
         self._timers = Timers.of(config)
         self._pending: deque[Job] = deque()
         self._config_bytes = b""  # set by _start_template: it depends on what the template shares
@@ -279,7 +172,7 @@ class Manager:
         self.counters: dict[str, int] = dict.fromkeys(
             ("submitted", "done", "failed", "crashed", "timed_out", "cancelled", "spawned"), 0
         )
-        self.retired: dict[str, int] = {}
+        self.retired = self._table.retired
         self._final_stats: PoolStats | None = None
         self._stats_requests: list[_StatsRequest] = []
         # When the loop last left select(), or None while it waits there: the
@@ -563,7 +456,7 @@ class Manager:
     def _limit_reached(self, worker_id: int, seq: int, reason: int, rss: int, now: float) -> None:
         """The template signalled a worker whose job passed its deadline or the memory limit."""
         worker = self._workers.get(worker_id)
-        if worker is None or worker.kill_reason is not None or not worker.inflight:
+        if worker is None or worker.state is WorkerState.KILLING or not worker.inflight:
             return  # gone, or stopped for another reason first
         head = worker.inflight[0]
         if head.seq != seq or head.future.done():
@@ -725,7 +618,7 @@ class Manager:
                 self._abort(now)
             elif command == "signal_workers":
                 for worker in list(self._workers.values()):
-                    self._kill(worker, "terminated", arg, now)
+                    self._kill(worker, RetireReason.TERMINATED, arg, now)
             elif command == "shutdown":
                 self._closing = True
                 if arg:  # cancel_futures: the jobs not started; re-queued ones still run
@@ -762,7 +655,7 @@ class Manager:
         live = starting = 0
         for worker in self._workers.values():
             live += worker.live
-            starting += worker.state == STARTING
+            starting += worker.ready_at is None and not worker.leaving  # retiring ones too
         target = self._target_workers()
         # Never more than max_workers forks under way: a retiring worker's
         # replacement starts early, but recycling must not become a fork storm.
@@ -798,55 +691,31 @@ class Manager:
 
     def _new_workers(self, count: int, now: float) -> list[tuple[Worker, socket.socket]]:
         """Workers not started yet, each with the socket end its process will get."""
-        config = self.config
-        made = []
-        for _ in range(count):
-            worker_id = next(self._worker_ids)
-            parent_end, child_end = socket.socketpair()
-            _widen(parent_end)
-            _widen(child_end)
-            parent_end.setblocking(False)
-            made.append((self._new_worker(worker_id, parent_end, now, config), child_end))
+        made = self._table.new_workers(count, now)
+        if self._exec_workers:  # a fresh interpreter: the template's copy of the config is not there
+            for worker, _ in made:
+                worker.outbox.append(
+                    wire.encode_config(worker.worker_id, worker.max_jobs, self._config_bytes)
+                )
         return made
 
-    def _new_worker(
-        self, worker_id: int, parent_end: socket.socket, now: float, config: PoolConfig
-    ) -> Worker:
-        worker = Worker(worker_id, parent_end, now)
-        if config.max_tasks_per_child is not None:
-            n = config.max_tasks_per_child
-            worker.max_jobs = max(1, n - random.randint(0, int(n * config.recycle_jitter)))
-        if config.max_lifetime_per_child is not None:
-            worker.lifetime = config.max_lifetime_per_child * (
-                1.0 - random.uniform(0.0, config.recycle_jitter)
-            )
-        if self._exec_workers:  # a fresh interpreter: the template's copy of the config is not there
-            worker.outbox.append(
-                wire.encode_config(worker_id, worker.max_jobs, self._config_bytes)
-            )
-        return worker
-
     def _add_worker(self, worker: Worker) -> None:
-        self._workers[worker.worker_id] = worker
+        self._table.add(worker)
         self._selector.register(worker.sock, selectors.EVENT_READ, worker)
         self.counters["spawned"] += 1
         self._flush(worker)
 
-    def _retire(self, worker: Worker, reason: str) -> None:
+    def _retire(self, worker: Worker, reason: RetireReason) -> None:
         """Retire gracefully: no new jobs; RETIRE once idle, so the finalizer runs and it exits 0."""
-        if worker.retiring or worker.state == KILLING:
+        if not self._table.retire(worker, reason):
             return
-        worker.retiring = True
-        worker.retire_reason = reason
-        self.retired[reason] = self.retired.get(reason, 0) + 1
-        self.log.info("worker.retired", worker_id=worker.worker_id, pid=worker.pid, reason=reason)
+        self.log.info("worker.retired", worker_id=worker.worker_id, pid=worker.pid, reason=reason.value)
         if not worker.inflight:
             self._send_retire(worker)
 
     def _send_retire(self, worker: Worker) -> None:
-        if worker.retire_sent:
-            return
-        worker.retire_sent = True
+        if worker.exit_deadline is not None:
+            return  # told to leave already, or it said it leaves
         worker.outbox.append(wire.encode_retire())
         self._flush(worker)
         self._expect_exit(worker, time.monotonic())
@@ -856,44 +725,22 @@ class Manager:
         if worker.exit_deadline is None:
             worker.exit_deadline = now + self.config.exit_timeout
 
-    def _kill(self, worker: Worker, reason: str, signum: int, now: float) -> None:
+    def _kill(self, worker: Worker, reason: RetireReason, signum: int, now: float) -> None:
         """Stop a worker now. Jobs it had not started go back to the queue."""
-        if worker.state == KILLING:
-            if worker.kill_reason is None:
-                # Seen dying (end of stream) before we knew why: the template
-                # stopped it for a limit, and its LIMIT frame says so now.
-                self._count_retirement(worker, reason)
-                worker.kill_reason = reason
+        was = worker.state
+        if was is not WorkerState.KILLING:
+            self._requeue(self._table.kill(worker, reason))
+        if was is WorkerState.KILLING or was is WorkerState.EXITED:
+            # Signalled already, or dying (its stream ended): only SIGKILL is worth repeating.
             if signum == signal.SIGKILL and worker.pid is not None:
                 self._send_control(wire.encode_kill(worker.pid, signum))
             return
-        self._count_retirement(worker, reason)
-        worker.state = KILLING
-        worker.kill_reason = reason
-        if worker.inflight:
-            head = worker.inflight.popleft()
-            self._requeue(worker)
-            worker.inflight.appendleft(head)
         if worker.pid is not None:
             self._send_control(wire.encode_kill(worker.pid, signum))
         worker.exit_deadline = now + self.config.kill_grace
 
-    def _count_retirement(self, worker: Worker, reason: str) -> None:
-        """Count why a worker leaves, once: a kill or crash overrides a retirement already planned."""
-        previous = worker.retire_reason if worker.retiring else worker.kill_reason
-        if previous == reason:
-            return
-        if previous is not None and self.retired.get(previous, 0) > 0:
-            self.retired[previous] -= 1
-            if not self.retired[previous]:
-                del self.retired[previous]
-        self.retired[reason] = self.retired.get(reason, 0) + 1
-        worker.retire_reason = reason if worker.retiring else worker.retire_reason
-
-    def _requeue(self, worker: Worker) -> None:
-        """Put a worker's unanswered jobs back at the front of the queue, in order."""
-        jobs = worker.inflight
-        worker.inflight = deque()
+    def _requeue(self, jobs: list[Job]) -> None:
+        """Put jobs a worker had not started back at the front of the queue, in order."""
         for job in reversed(jobs):
             if self._broken is not None:
                 self._fail(job, self._broken)
@@ -905,26 +752,24 @@ class Manager:
     def _worker_exited(self, worker: Worker, exitcode: int, now: float, why: str | None = None) -> None:
         if worker.sock.fileno() >= 0 and not worker.eof:
             self._drain_worker(worker, now)  # results sent before death still count
-        if worker.worker_id not in self._workers:
+        if not self._table.remove(worker):
             return
-        del self._workers[worker.worker_id]
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
         worker.sock.close()
-        if not worker.was_ready:
-            self._requeue(worker)  # it died before READY: its jobs never started
+        if worker.ready_at is None:
+            self._requeue(self._table.take_all(worker))  # it died before READY: its jobs never started
             self._start_failed(worker, exitcode)
         elif worker.self_retired:
-            self._requeue(worker)  # it said it was leaving after its last answer
+            self._requeue(self._table.take_all(worker))  # it said it was leaving after its last answer
         elif worker.inflight:
             head = worker.inflight.popleft()
-            self._requeue(worker)
+            self._requeue(self._table.take_all(worker))
             if not head.future.done():
                 self._job_crashed(head, worker, exitcode, why)
-            if worker.kill_reason is None:
-                self._count_retirement(worker, "crash")
-        elif worker.kill_reason is None and not worker.retiring and exitcode != 0:
-            self._count_retirement(worker, "crash")
+            self._table.crashed(worker)
+        elif worker.state is not WorkerState.KILLING and worker.reason is None and exitcode != 0:
+            self._table.crashed(worker)
             self.log.warning(
                 "worker.crashed",
                 worker_id=worker.worker_id,
@@ -934,7 +779,9 @@ class Manager:
             )
 
     def _start_failed(self, worker: Worker, exitcode: int) -> None:
-        if self._broken is not None or worker.kill_reason not in (None, "start_timeout"):
+        if self._broken is not None or (
+            worker.state is WorkerState.KILLING and worker.reason is not RetireReason.START_TIMEOUT
+        ):
             return  # a worker we killed ourselves while it started is no evidence
         self._start_failures += 1
         if self._start_failures >= _START_FAILURES_BEFORE_BROKEN:
@@ -1020,7 +867,7 @@ class Manager:
             )
             self.counters["failed"] += 1
             _settle(head.future, None, exc)
-        self._kill(worker, "crash", signal.SIGKILL, now)
+        self._kill(worker, RetireReason.CRASH, signal.SIGKILL, now)
 
     def _drain_worker(self, worker: Worker, now: float) -> None:
         while worker.worker_id in self._workers and not worker.eof:
@@ -1034,21 +881,16 @@ class Manager:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
         worker.outbox.clear()
-        if not worker.was_ready:
+        if worker.ready_at is None:
             # Died while starting: wait for its exit status before replacing it,
             # so that a failing initializer is counted before another fork.
             if worker.pid is not None:
                 self._send_control(wire.encode_kill(worker.pid, signal.SIGKILL))
-        elif worker.state != KILLING:
-            # End of stream means the process is dying (or closed its socket, which
-            # makes it useless). Act now rather than when the exit status comes:
-            # re-queue the jobs it had not started and let a replacement start.
-            # The job it was running fails when the exit status arrives, with it.
-            worker.state = KILLING
-            if worker.inflight:
-                head = worker.inflight.popleft()
-                self._requeue(worker)
-                worker.inflight.appendleft(head)
+        elif not worker.leaving:
+            # Act now rather than when the exit status comes: re-queue the jobs
+            # it had not started and let a replacement start. The job it was
+            # running fails when the exit status arrives, with it.
+            self._requeue(self._table.lost(worker))
             if worker.pid is not None:
                 self._send_control(wire.encode_kill(worker.pid, signal.SIGKILL))
         if worker.exit_deadline is None:
@@ -1086,26 +928,14 @@ class Manager:
                         job.future._set_progress(value)
                         break
             elif kind == wire.Kind.READY:
-                pid = wire.decode_ready(body)
-                worker.pid = pid
-                if worker.state == STARTING:
-                    worker.state = READY
-                    worker.was_ready = True
-                    worker.idle_since = now
+                if self._table.ready(worker, wire.decode_ready(body), now):
                     self._start_failures = 0
-                    if worker.inflight:  # a job sent ahead starts now
-                        head = worker.inflight[0]
-                        head.started_at = now
-                        head.future.pid = pid
             elif kind == wire.Kind.RETIRING:
                 rss = wire.decode_retiring(body)
                 worker.rss = rss
                 worker.self_retired = True
                 self._expect_exit(worker, now)
-                if not worker.retiring:
-                    worker.retiring = True
-                    worker.retire_reason = "memory"
-                    self.retired["memory"] = self.retired.get("memory", 0) + 1
+                if self._table.retire(worker, RetireReason.MEMORY):
                     self.log.info(
                         "worker.retired",
                         worker_id=worker.worker_id,
@@ -1113,7 +943,7 @@ class Manager:
                         reason="memory",
                         rss=rss,
                     )
-                self._requeue(worker)
+                self._requeue(self._table.take_all(worker))
             elif kind == wire.Kind.INIT_FAILED:
                 try:
                     exc, tb = loads(body)
@@ -1137,7 +967,7 @@ class Manager:
         worker.jobs_done += 1
         if outcome == wire.OUTCOME_SKIPPED:
             if inflight:
-                inflight[0].started_at = now
+                worker.start_head(now)
             else:
                 worker.idle_since = now
             return  # a terminated job the worker did not start; its future is cancelled
@@ -1146,20 +976,17 @@ class Manager:
         ewma = self._ewma
         self._ewma = wall if ewma is None else ewma * 0.9 + wall * 0.1
         if inflight:
-            head = inflight[0]
-            head.started_at = now
-            head.future.worker_id = worker.worker_id
-            head.future.pid = worker.pid
+            worker.start_head(now)
         else:
             worker.idle_since = now
         retire_reason: str | None = None
         if worker.max_jobs is not None and worker.jobs_done >= worker.max_jobs:
-            retire_reason = "tasks"
+            retire_reason = RetireReason.TASKS.value
         elif (
             self.config.max_memory_per_child is not None
             and rss > self.config.max_memory_per_child
         ):
-            retire_reason = "memory"  # the worker leaves by itself (RETIRING follows)
+            retire_reason = RetireReason.MEMORY.value  # the worker leaves by itself (RETIRING follows)
         future = job.future
         future._raw_stats = (
             wall, cpu, peak, rss, worker.worker_id, worker.pid or 0, job.attempt, retire_reason
@@ -1170,8 +997,8 @@ class Manager:
             self.log.debug(
                 "job.done", job_id=future.job_id, worker_id=worker.worker_id, pid=worker.pid, wall=wall
             )
-        if worker.retiring and not inflight and not worker.self_retired:
-            if worker.retire_reason == "tasks":
+        if worker.state is WorkerState.RETIRING and not inflight and not worker.self_retired:
+            if worker.reason is RetireReason.TASKS:
                 self._expect_exit(worker, now)  # it leaves by itself after its last job
             else:
                 self._send_retire(worker)
@@ -1222,15 +1049,15 @@ class Manager:
                 self._send_control(wire.encode_kill(worker.pid, signal.SIGKILL))
         elif due is Due.START:
             self.log.warning("worker.start_timeout", worker_id=worker.worker_id, pid=worker.pid)
-            self._kill(worker, "start_timeout", signal.SIGKILL, now)
+            self._kill(worker, RetireReason.START_TIMEOUT, signal.SIGKILL, now)
         elif due is Due.SKIP:
             # Terminated while queued, but the worker started it before the
             # CANCEL arrived (no SKIPPED came back): stop it the hard way.
-            self._kill(worker, "terminated", signal.SIGKILL, now)
+            self._kill(worker, RetireReason.TERMINATED, signal.SIGKILL, now)
         elif due is Due.LIFETIME:
-            self._retire(worker, "lifetime")
+            self._retire(worker, RetireReason.LIFETIME)
         else:
-            self._retire(worker, "idle")
+            self._retire(worker, RetireReason.IDLE)
 
     def _job_timed_out(self, worker: Worker, job: Job, now: float) -> None:
         self.counters["timed_out"] += 1
@@ -1241,7 +1068,7 @@ class Manager:
             job_id=job.future.job_id,
             timeout=job.timeout,
         )
-        self._kill(worker, "timeout", signal.SIGTERM, now)
+        self._kill(worker, RetireReason.TIMEOUT, signal.SIGTERM, now)
         if job.retries_left > 0:
             worker.inflight.popleft()
             job.retries_left -= 1
@@ -1266,7 +1093,7 @@ class Manager:
             rss=rss,
             limit=limit,
         )
-        self._kill(worker, "memory_limit", signal.SIGKILL, now)
+        self._kill(worker, RetireReason.MEMORY_LIMIT, signal.SIGKILL, now)
         self.counters["crashed"] += 1
         self._fail(
             job,
@@ -1293,8 +1120,8 @@ class Manager:
                 if job.future is not future:
                     continue
                 if position == 0:
-                    if worker.state != KILLING:
-                        self._kill(worker, "terminated", signal.SIGKILL, now)
+                    if not worker.leaving:
+                        self._kill(worker, RetireReason.TERMINATED, signal.SIGKILL, now)
                 else:
                     # Sent ahead, not started: tell the worker to skip it. If it
                     # starts anyway (the message crossed), _fire_timers kills it.
@@ -1319,7 +1146,7 @@ class Manager:
         window = self._window()
         # Idle workers first: pipelining onto a busy one is only for what is left.
         ready = sorted(
-            (w for w in self._workers.values() if w.state == READY and not w.retiring),
+            (w for w in self._workers.values() if w.state is WorkerState.READY),
             key=lambda w: len(w.inflight),
         )
         # Without an initializer a worker is ready within milliseconds, so a
@@ -1331,13 +1158,13 @@ class Manager:
             ready.extend(
                 w
                 for w in self._workers.values()
-                if w.state == STARTING and not w.retiring and not w.inflight
+                if w.state is WorkerState.STARTING and not w.inflight
             )
         if not ready:
             return
         # max_workers bounds the jobs running at once, whatever the recycling:
         # a worker that is idle may start one only while fewer are busy.
-        busy = sum(1 for w in self._workers.values() if w.inflight and w.state != KILLING)
+        busy = sum(1 for w in self._workers.values() if w.inflight and not w.leaving)
         long_since = now - self._long_after()
         capacity = self.config.max_workers
         touched: dict[int, Worker] = {}
@@ -1351,7 +1178,7 @@ class Manager:
                         continue
                 elif worker.inflight[0].started_at < long_since:
                     continue  # its job runs far past the mean: queue nothing behind it
-                room = (window if worker.state == READY else 1) - len(worker.inflight)
+                room = (window if worker.state is WorkerState.READY else 1) - len(worker.inflight)
                 if worker.max_jobs is not None:
                     room = min(room, worker.max_jobs - worker.jobs_assigned)
                 if room <= 0:
@@ -1367,18 +1194,17 @@ class Manager:
                 elif future.done():
                     progressed = True
                     continue
-                if not worker.inflight:
-                    busy += 1  # counted only now: a cancelled job dropped above takes no slot
-                    job.started_at = now
-                    future.worker_id = worker.worker_id
-                    future.pid = worker.pid
+                starts = not worker.inflight
                 worker.inflight.append(job)
+                if starts:
+                    busy += 1  # counted only now: a cancelled job dropped above takes no slot
+                    worker.start_head(now)
                 worker.jobs_assigned += 1
                 worker.outbox.extend(job.frame())
                 touched[worker.worker_id] = worker
                 if worker.max_jobs is not None and worker.jobs_assigned >= worker.max_jobs:
                     # Its last job: retire it now so the replacement forks while the job runs.
-                    self._retire(worker, "tasks")
+                    self._retire(worker, RetireReason.TASKS)
                 progressed = True
             if not progressed:
                 break
@@ -1442,7 +1268,7 @@ class Manager:
         self.log.warning("pool.broken", error=str(error))
         now = time.monotonic()
         for worker in list(self._workers.values()):
-            self._kill(worker, "shutdown", signal.SIGKILL, now)
+            self._kill(worker, RetireReason.SHUTDOWN, signal.SIGKILL, now)
 
     def _maybe_finish(self) -> None:
         if not self._closing:
@@ -1452,8 +1278,8 @@ class Manager:
             if self._pending:
                 return
         for worker in list(self._workers.values()):
-            if worker.state != KILLING and not worker.inflight:
-                self._retire(worker, "shutdown")
+            if not worker.inflight:
+                self._retire(worker, RetireReason.SHUTDOWN)
         if self._workers:
             return
         self._stop_template()
@@ -1464,9 +1290,9 @@ class Manager:
         """Shut down now: running jobs are killed and end cancelled, queued ones are cancelled."""
         self._closing = True
         for worker in list(self._workers.values()):
-            if worker.inflight and worker.state != KILLING:
+            if worker.inflight and not worker.leaving:
                 head = worker.inflight[0]
-                self._kill(worker, "shutdown", signal.SIGKILL, now)  # re-queues the others
+                self._kill(worker, RetireReason.SHUTDOWN, signal.SIGKILL, now)  # re-queues the others
                 if head.future._force_cancel():
                     self.counters["cancelled"] += 1
         for job in self._pending:
@@ -1525,13 +1351,13 @@ class Manager:
         workers = []
         running = 0
         for worker in self._workers.values():
-            if worker.inflight and worker.state != KILLING and not worker.inflight[0].future.done():
+            if worker.inflight and not worker.leaving and not worker.inflight[0].future.done():
                 running += 1
             workers.append(
                 WorkerInfo(
                     worker_id=worker.worker_id,
                     pid=worker.pid,
-                    state="retiring" if worker.retiring and worker.state != KILLING else worker.state,
+                    state=worker.state.value,
                     jobs_done=worker.jobs_done,
                     rss=(_read_rss(worker.pid) or worker.rss) if worker.pid else worker.rss,
                     cpu_time=worker.cpu,
@@ -1585,19 +1411,6 @@ def _settle(future: JobFuture[Any], value: Any, error: BaseException | None) -> 
         pass  # already cancelled or failed (terminated, timed out)
     except BaseException:
         logging.getLogger("poolkit").exception("a done-callback of job %s raised", future.job_id)
-
-
-def _widen(sock: socket.socket) -> None:
-    """Ask for 4 MiB socket buffers (the kernel caps it at net.core.wmem_max/rmem_max).
-
-    Large payloads then cross in a few system calls instead of dozens of
-    212 KiB round trips, each a wake-up of the other side.
-    """
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
-        except OSError:
-            pass
 
 
 def _read_rss(pid: int) -> int:

@@ -348,7 +348,7 @@ class Pool(Executor):
         return {
             w.pid: WorkerProcess(w.pid, w.worker_id, template)
             for w in self.stats().workers
-            if w.pid and w.state != "killing"
+            if w.pid and w.state not in ("killing", "exited")
         }
 
     def terminate_workers(self) -> None:

@@ -8,21 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["RETIRE_REASONS", "JobStats", "PoolStats", "WorkerInfo"]
-
-RETIRE_REASONS = (
-    "tasks",
-    "memory",
-    "lifetime",
-    "idle",
-    "timeout",
-    "memory_limit",
-    "terminated",
-    "crash",
-    "start_timeout",
-    "shutdown",
-)
-
+__all__ = ["JobStats", "PoolStats", "WorkerInfo"]
 
 @dataclass(frozen=True)
 class JobStats:
@@ -50,7 +36,12 @@ class JobStats:
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """One worker, as the pool sees it at the time of the snapshot."""
+    """One worker, as the pool sees it at the time of the snapshot.
+
+    ``state`` is one of ``"starting"``, ``"ready"``, ``"retiring"``,
+    ``"killing"`` and ``"exited"`` (its stream ended; its exit status is
+    awaited): the life cycle in the docs' concepts page.
+    """
 
     worker_id: int
     pid: int | None
@@ -64,7 +55,13 @@ class WorkerInfo:
 
 @dataclass(frozen=True)
 class PoolStats:
-    """A snapshot of the pool: its workers and its counters since it started."""
+    """A snapshot of the pool: its workers and its counters since it started.
+
+    ``retired`` counts the workers that left by reason (``"tasks"``,
+    ``"memory"``, ``"lifetime"``, ``"idle"``, ``"timeout"``,
+    ``"memory_limit"``, ``"terminated"``, ``"crash"``, ``"start_timeout"``,
+    ``"shutdown"``), each worker once, under its last reason.
+    """
 
     workers: tuple[WorkerInfo, ...]
     submitted: int

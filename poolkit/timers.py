@@ -18,9 +18,10 @@ import enum
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from .worker_table import Worker, WorkerState
+
 if TYPE_CHECKING:
     from .config import PoolConfig
-    from .manager import Worker
 
 __all__ = ["SKIP_GRACE", "Due", "Timers"]
 
@@ -74,18 +75,16 @@ class Timers:
         due: list[tuple[float, Due]] = []
         if worker.exit_deadline is not None:
             due.append((worker.exit_deadline, Due.EXIT))
-        state = worker.state
-        if state == "killing":
+        if worker.leaving:
             return due
-        if state == "starting":
+        if worker.ready_at is None:  # starting (or retiring before it was ever ready)
             if self.start_timeout is not None:
                 due.append((worker.born + self.start_timeout, Due.START))
             return due
-        # ready
         inflight = worker.inflight
         if inflight and inflight[0].future.cancelled():
             due.append((inflight[0].started_at + self.skip_grace, Due.SKIP))
-        if worker.retiring:
+        if worker.state is not WorkerState.READY:  # retiring: it leaves anyway
             return due
         if worker.lifetime is not None:
             due.append((worker.born + worker.lifetime, Due.LIFETIME))

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poolkit.futures import JobFuture
-from poolkit.manager import Job, Worker
 from poolkit.timers import Due, Timers
+from poolkit.worker_table import Job, Worker, WorkerState
 
 KILL_GRACE = 1.0
 
@@ -29,11 +29,18 @@ def sock() -> Iterator[socket.socket]:
     b.close()
 
 
-def _worker(sock: socket.socket, worker_id: int, *, state: str = "ready", born: float = 0.0) -> Worker:
+def _worker(
+    sock: socket.socket,
+    worker_id: int,
+    *,
+    state: WorkerState = WorkerState.READY,
+    born: float = 0.0,
+    ready: bool = True,
+) -> Worker:
     worker = Worker(worker_id, sock, born)
     worker.state = state
-    if state != "starting":
-        worker.was_ready = True
+    if ready and state is not WorkerState.STARTING:
+        worker.ready_at = born
     return worker
 
 
@@ -50,17 +57,16 @@ def _act_as_the_manager(worker: Worker, due: Due, now: float) -> None:
     """What the manager does to a worker for each timer, as far as the timers can see."""
     if due in (Due.EXIT, Due.START, Due.SKIP):
         if due is not Due.EXIT:
-            worker.state = "killing"
+            worker.state = WorkerState.KILLING
         worker.exit_deadline = now + KILL_GRACE
-    else:
-        worker.retiring = True
+    elif worker.live:
+        worker.state = WorkerState.RETIRING
 
 
 def test_a_retiring_workers_last_job_leaves_nothing_due(sock: socket.socket) -> None:
     """The busy loop of issue 17: an idle replacement at min_workers beside a retiring worker."""
     timers = Timers(start_timeout=None, idle_timeout=0.3, min_workers=1)
-    retiring = _worker(sock, 1)
-    retiring.retiring = True
+    retiring = _worker(sock, 1, state=WorkerState.RETIRING)
     retiring.inflight.append(_job(1, started_at=0.0))
     replacement = _worker(sock, 2, born=0.0)
     now = 1.0  # the replacement has idled past idle_timeout
@@ -87,14 +93,14 @@ def test_idle_workers_retire_down_to_min_workers_only(sock: socket.socket) -> No
 
 def test_a_starting_worker_has_only_its_start_timeout(sock: socket.socket) -> None:
     timers = Timers(start_timeout=5.0, idle_timeout=0.3, min_workers=0)
-    worker = _worker(sock, 1, state="starting", born=10.0)
+    worker = _worker(sock, 1, state=WorkerState.STARTING, born=10.0)
     worker.lifetime = 1.0
     assert timers.deadlines(worker, live_workers=1) == [(15.0, Due.START)]
 
 
 def test_a_dying_worker_has_only_its_exit_deadline(sock: socket.socket) -> None:
     timers = Timers(start_timeout=5.0, idle_timeout=0.3, min_workers=0)
-    worker = _worker(sock, 1, state="killing")
+    worker = _worker(sock, 1, state=WorkerState.KILLING)
     worker.exit_deadline = 2.0
     worker.lifetime = 1.0
     assert timers.deadlines(worker, live_workers=0) == [(2.0, Due.EXIT)]
@@ -114,8 +120,8 @@ def test_a_terminated_job_that_started_anyway_is_due_after_the_skip_grace(sock: 
 
 _worker_states = st.fixed_dictionaries(
     {
-        "state": st.sampled_from(["starting", "ready", "killing"]),
-        "retiring": st.booleans(),
+        "state": st.sampled_from(list(WorkerState)),
+        "ready": st.booleans(),
         "born": st.floats(0, 10),
         "idle_since": st.floats(0, 10),
         "lifetime": st.none() | st.floats(0.01, 10),
@@ -146,8 +152,7 @@ def test_if_firing_did_nothing_the_next_timeout_is_not_zero(
     def build() -> list[Worker]:
         workers = []
         for worker_id, state in enumerate(states, 1):
-            worker = _worker(sock, worker_id, state=state["state"], born=state["born"])
-            worker.retiring = state["retiring"]
+            worker = _worker(sock, worker_id, state=state["state"], born=state["born"], ready=state["ready"])
             worker.idle_since = state["idle_since"]
             worker.lifetime = state["lifetime"]
             worker.exit_deadline = state["exit_deadline"]
