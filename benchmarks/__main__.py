@@ -4,8 +4,8 @@
     python -m benchmarks --quick                # a smoke run of about a minute, for CI
     python -m benchmarks --only S1,S3 --peers poolkit,stdlib-forkserver --repeat 5
 
-A full run writes benchmarks/results/latest.json, docs/benchmarks.md and
-docs/img/bench_*.png (all committed). A ``--quick`` run writes only
+A full run writes benchmarks/results/latest.json, docs/benchmarks.md,
+docs/img/bench_*.png and the figures of docs/choosing.md (all committed). A ``--quick`` run writes only
 benchmarks/results/raw/quick.json (ignored by git) unless told otherwise,
 so that a smoke run never overwrites the published figures.
 """
@@ -83,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(data, indent=1, default=repr) + "\n")
     print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown is not None:
-        from .report import write_docs
+        from .report import CHOOSING, DOC, write_docs
 
-        for path in write_docs(data, args.markdown, args.img_dir):
+        # The figures of choosing.md follow the published page, never a page written elsewhere.
+        choosing = CHOOSING if args.markdown.resolve() == DOC.resolve() else None
+        for path in write_docs(data, args.markdown, args.img_dir, choosing):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -60,7 +60,7 @@ def test_quick_run_gives_figures_ratios_page_and_plots(tmp_path: Path) -> None:
     assert data["meta"]["python"] and data["meta"]["cpus"] >= 1
     text = page.read_text()
     assert "| **S1**" in text and "`stdlib-fork`" in text
-    assert (tmp_path / "img" / "bench_scenarios.png").stat().st_size > 0
+    assert (tmp_path / "img" / "bench_S1.png").stat().st_size > 0
     assert (tmp_path / "img" / "bench_ratios.png").stat().st_size > 0
 
 
