@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import os
 import selectors
 import signal
@@ -37,14 +36,13 @@ import socket
 import sys
 import threading
 import time
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
-from . import serialization, watchdog, wire
+from . import watchdog, wire
 from .config import PoolConfig
 from .errors import (
     BrokenPool,
@@ -56,18 +54,11 @@ from .errors import (
 )
 from .futures import JobFuture
 from .logs import EventLog
-from .serialization import MainRefs, attach_remote_traceback, loads, snapshot_main
+from .serialization import MainRefs, attach_remote_traceback, loads
 from .stats import PoolStats, WorkerInfo
-
-# Everything the fork template and its workers run is imported here, in the
-# parent, once: a forked template then starts without importing (or compiling)
-# anything, which is most of a cold start.
-from .template import serve_forked as serve_forked_template
+from .template_link import TemplateLink
 from .timers import Due, Timers
-from .worker import load_prctl
 from .worker_table import Job, RetireReason, Worker, WorkerState, WorkerTable
-
-load_prctl()
 
 __all__ = ["Job", "Manager"]  # Job is the worker table's; pool.py takes it from here
 
@@ -143,7 +134,6 @@ class Manager:
         self.config = config
         self.log = EventLog(config.name)
         self.owner_pid = os.getpid()
-        self.main_refs: MainRefs = {}
         self.forked_away = False
         self._inbox: deque[tuple[str, Any]] = deque()
         self._wake_r, self._wake_w = os.pipe()
@@ -157,12 +147,7 @@ class Manager:
         self._workers = self._table.workers  # by id; the table changes it, the loop reads it
         self._timers = Timers.of(config)
         self._pending: deque[Job] = deque()
-        self._config_bytes = b""  # set by _start_template: it depends on what the template shares
-        self._exec_workers = False  # spawn: each worker gets the config in its first frame
-        self._template_pid: int | None = None
-        self._template_popen: Any = None  # subprocess.Popen of an exec'd template
-        self._control: socket.socket | None = None
-        self._control_reader = wire.FrameReader()
+        self._link = TemplateLink(config)
         self._closing = False
         self._closed = False
         self._broken: BaseException | None = None
@@ -184,7 +169,7 @@ class Manager:
         # Why submit() is refused although the pool was not shut down (the interpreter is exiting).
         self.refusing: str | None = None
         _live_managers.add(self)
-        self._start_template(config.start_method)
+        self._start_template()
         self._thread = threading.Thread(
             target=self._run, name=f"poolkit-manager-{config.name}", daemon=True
         )
@@ -197,8 +182,8 @@ class Manager:
         if self._closed:
             return []
         fds = [self._wake_r, self._wake_w]
-        if self._control is not None:
-            fds.append(self._control.fileno())
+        if self._link.control is not None:
+            fds.append(self._link.control.fileno())
         for worker in list(self._workers.values()):
             fds.append(worker.sock.fileno())
         return [fd for fd in fds if fd >= 0]
@@ -225,7 +210,12 @@ class Manager:
 
     @property
     def template_pid(self) -> int | None:
-        return self._template_pid
+        return self._link.pid
+
+    @property
+    def main_refs(self) -> MainRefs:
+        """The ``__main__`` objects this pool's workers share with this process (jobs pickle them by name)."""
+        return self._link.main_refs
 
     def signal_workers(self, signum: int) -> None:
         """Send ``signum`` to every worker now; the jobs they run fail, and they are replaced."""
@@ -275,7 +265,7 @@ class Manager:
         for future in self._unfinished_futures():
             _fail_from_outside(future, error)
         pids = [w.pid for w in list(self._workers.values()) if w.pid is not None]
-        for pid in [self._template_pid, *pids]:
+        for pid in [self._link.pid, *pids]:
             if pid is not None:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -337,120 +327,46 @@ class Manager:
 
     # ------------------------------------------------------------ template
 
-    def _start_template(self, method: str) -> None:
-        parent_end, child_end = socket.socketpair()
-        self._exec_workers = method == "spawn"
-        if method == "fork":
-            self.main_refs = snapshot_main()
-            # The template is a copy of this process: it takes the config as it is
-            # in memory, nothing pickled, as the standard library's fork workers
-            # take their initargs. So multiprocessing's queues and locks work as
-            # initargs, and the initializer and finalizer are this process's own
-            # objects: the globals they set are the ones jobs read.
-            worker_config = self.config.worker_config()
-            # The first workers' sockets are made now and inherited by the
-            # template, which forks those workers as soon as it starts: a cold
-            # start then waits neither for this thread nor for a SPAWN round trip.
-            now = time.monotonic()
-            first = [] if self._workers else self._new_workers(self.config.min_workers, now)
-            neutralize_in_child = [*_fds_of_live_managers(), parent_end.fileno()]
-            parent_pid = os.getpid()
-            pid = _fork_template()
-            if pid == 0:  # the template
-                serialization.process_main_refs = self.main_refs
-                serve_forked_template(
-                    child_end,
-                    first=[(w.worker_id, w.max_jobs or 0, end.fileno()) for w, end in first],
-                    inherited=neutralize_in_child,
-                    parent_pid=parent_pid,
-                    sys_path=list(sys.path),
-                    config=worker_config,
-                )
-            self._template_pid = pid
-            for worker, end in first:
-                end.close()
-                self._add_worker(worker)
-        else:
-            import json
-            import subprocess
-
-            self.main_refs = {}  # a fresh interpreter shares no __main__ objects with us
-            fd = child_end.fileno()
-            # Pickled as multiprocessing pickles a new process's arguments, so its
-            # queues, locks and manager proxies can be initargs: the descriptors
-            # they hold are passed to the template at the same numbers, and every
-            # worker inherits them; the workers also get this process's authkey.
-            self._config_bytes, shared_fds = serialization.dumps_for_new_process(
-                self.config.worker_config(authkey=bytes(multiprocessing.current_process().authkey)),
-                self.main_refs,
-            )
-            self._template_popen = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",  # not -m: the package imports poolkit.template itself
-                    "from poolkit.template import main; main()",
-                    str(fd),
-                    method,
-                    json.dumps(sys.path),
-                    json.dumps(list(self.config.preload)),
-                    str(os.getpid()),
-                ],
-                pass_fds=[fd, *shared_fds],
-                stdin=subprocess.DEVNULL,
-            )
-            self._template_pid = self._template_popen.pid
-        child_end.close()
-        parent_end.setblocking(True)
-        self._control = parent_end
-        self._control_reader = wire.FrameReader()
-        self._selector.register(parent_end, selectors.EVENT_READ, "control")
-        if method == "forkserver":  # before any SPAWN: the template loads it once for all workers
-            self._send_control(wire.encode_worker_config(self._config_bytes))
-        config = self.config
-        self._send_control(
-            wire.encode_limits(
-                config.kill_grace, config.memory_limit_per_child, config.memory_check_interval
-            )
+    def _start_template(self) -> None:
+        # A fork template forks the first workers as soon as it starts; their
+        # sockets are made now and inherited.
+        first = []
+        if self.config.start_method == "fork" and not self._workers:
+            first = self._new_workers(self.config.min_workers, time.monotonic())
+        self._link.start(
+            first=[(w.worker_id, w.max_jobs or 0, end) for w, end in first],
+            inherited=_fds_of_live_managers(),
         )
+        for worker, end in first:
+            end.close()
+            self._add_worker(worker)
+        assert self._link.control is not None
+        self._selector.register(self._link.control, selectors.EVENT_READ, "control")
 
     def _stop_template(self) -> None:
-        control = self._control
-        if control is not None:
-            self._selector.unregister(control)
-            control.close()
-            self._control = None
-        if self._template_popen is not None:
-            self._template_popen.wait()
-            self._template_popen = None
-        elif self._template_pid is not None:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self._template_pid, 0)
-        self._template_pid = None
+        if self._link.control is not None:
+            self._selector.unregister(self._link.control)
+        self._link.stop()
 
     def _read_control(self, now: float) -> None:
-        assert self._control is not None
-        try:
-            data = self._control.recv(1 << 16)
-        except (ConnectionResetError, OSError):
-            data = b""
-        if not data:
+        events = self._link.read()
+        if events is None:
             self._template_died(now)
             return
-        self._control_reader.feed(data)
-        for kind, body in self._control_reader.frames():
+        for kind, values in events:
             if kind == wire.Kind.SPAWNED:
-                worker_id, pid = wire.decode_spawned(body)
+                worker_id, pid = values
                 worker = self._workers.get(worker_id)
                 if worker is not None:
                     worker.pid = pid
                     self.log.info("worker.spawned", worker_id=worker_id, pid=pid)
             elif kind == wire.Kind.EXITED:
-                worker_id, pid, exitcode = wire.decode_exited(body)
+                worker_id, pid, exitcode = values
                 worker = self._workers.get(worker_id)
                 if worker is not None:
                     self._worker_exited(worker, exitcode, now)
             elif kind == wire.Kind.LIMIT:
-                worker_id, pid, seq, reason, rss = wire.decode_limit(body)
+                worker_id, pid, seq, reason, rss = values
                 self._limit_reached(worker_id, seq, reason, rss, now)
 
     def _limit_reached(self, worker_id: int, seq: int, reason: int, rss: int, now: float) -> None:
@@ -478,22 +394,9 @@ class Manager:
             # this process again, so its workers see this process's __main__
             # (jobs that refer to its functions by name) and the initializer's
             # globals where jobs read them, as before. A fresh interpreter has neither.
-            self._start_template(self.config.start_method)
+            self._start_template()
         except Exception as exc:
             self._break(BrokenPool(f"the pool's template process died and could not be restarted: {exc!r}"))
-
-    def _send_control(self, data: bytes, fds: list[int] | None = None) -> bool:
-        control = self._control
-        if control is None:
-            return False
-        try:
-            if fds:
-                socket.send_fds(control, [data], fds)
-            else:
-                control.sendall(data)
-        except OSError:
-            return False
-        return True
 
     # ------------------------------------------------------------ the loop
 
@@ -514,7 +417,7 @@ class Manager:
                     if tag == "wake":
                         self._drain_wake()
                     elif tag == "control":
-                        if self._control is not None:
+                        if self._link.control is not None:
                             self._read_control(now)
                     else:
                         worker: Worker = tag
@@ -650,7 +553,7 @@ class Manager:
         return sum(1 for w in self._workers.values() if w.live and w.inflight)
 
     def _manage_workers(self, now: float) -> None:
-        if self._broken is not None or self._control is None or now < self._spawn_retry_at:
+        if self._broken is not None or self._link.control is None or now < self._spawn_retry_at:
             return
         live = starting = 0
         for worker in self._workers.values():
@@ -677,10 +580,7 @@ class Manager:
             return False
         self._spawn_backoff = 0.0
         try:
-            ok = self._send_control(
-                wire.encode_spawn(worker.worker_id, worker.max_jobs),
-                [child_end.fileno()],
-            )
+            ok = self._link.spawn(worker.worker_id, worker.max_jobs, child_end)
         finally:
             child_end.close()
         if not ok:
@@ -692,10 +592,10 @@ class Manager:
     def _new_workers(self, count: int, now: float) -> list[tuple[Worker, socket.socket]]:
         """Workers not started yet, each with the socket end its process will get."""
         made = self._table.new_workers(count, now)
-        if self._exec_workers:  # a fresh interpreter: the template's copy of the config is not there
+        if self._link.exec_workers:  # a fresh interpreter: the template's copy of the config is not there
             for worker, _ in made:
                 worker.outbox.append(
-                    wire.encode_config(worker.worker_id, worker.max_jobs, self._config_bytes)
+                    wire.encode_config(worker.worker_id, worker.max_jobs, self._link.config_bytes)
                 )
         return made
 
@@ -733,10 +633,10 @@ class Manager:
         if was is WorkerState.KILLING or was is WorkerState.EXITED:
             # Signalled already, or dying (its stream ended): only SIGKILL is worth repeating.
             if signum == signal.SIGKILL and worker.pid is not None:
-                self._send_control(wire.encode_kill(worker.pid, signum))
+                self._link.kill(worker.pid, signum)
             return
         if worker.pid is not None:
-            self._send_control(wire.encode_kill(worker.pid, signum))
+            self._link.kill(worker.pid, signum)
         worker.exit_deadline = now + self.config.kill_grace
 
     def _requeue(self, jobs: list[Job]) -> None:
@@ -885,14 +785,14 @@ class Manager:
             # Died while starting: wait for its exit status before replacing it,
             # so that a failing initializer is counted before another fork.
             if worker.pid is not None:
-                self._send_control(wire.encode_kill(worker.pid, signal.SIGKILL))
+                self._link.kill(worker.pid, signal.SIGKILL)
         elif not worker.leaving:
             # Act now rather than when the exit status comes: re-queue the jobs
             # it had not started and let a replacement start. The job it was
             # running fails when the exit status arrives, with it.
             self._requeue(self._table.lost(worker))
             if worker.pid is not None:
-                self._send_control(wire.encode_kill(worker.pid, signal.SIGKILL))
+                self._link.kill(worker.pid, signal.SIGKILL)
         if worker.exit_deadline is None:
             worker.exit_deadline = now + self.config.kill_grace
 
@@ -1046,7 +946,7 @@ class Manager:
         if due is Due.EXIT:
             worker.exit_deadline = now + self.config.kill_grace
             if worker.pid is not None:
-                self._send_control(wire.encode_kill(worker.pid, signal.SIGKILL))
+                self._link.kill(worker.pid, signal.SIGKILL)
         elif due is Due.START:
             self.log.warning("worker.start_timeout", worker_id=worker.worker_id, pid=worker.pid)
             self._kill(worker, RetireReason.START_TIMEOUT, signal.SIGKILL, now)
@@ -1332,9 +1232,7 @@ class Manager:
         for worker in list(self._workers.values()):
             worker.sock.close()
         self._workers.clear()
-        if self._control is not None:
-            self._control.close()
-            self._control = None
+        self._link.close()
         self._selector.close()
         with self._wake_lock:
             for fd in (self._wake_r, self._wake_w):
@@ -1372,28 +1270,6 @@ class Manager:
             retired=dict(self.retired),
             **self.counters,
         )
-
-
-def _fork_template() -> int:
-    """``os.fork()`` for a template, holding the locks that the template and its workers take.
-
-    The template exists so that workers are never forked from the pool's
-    process, which has threads. The template itself is forked from it (when
-    the pool starts, and again if the template dies), so a lock that another
-    thread holds at that moment would stay held in the template and every
-    worker. The one such lock that unpickling a job takes is cloudpickle's
-    class tracker (dynamic classes); it is held across the fork, so both
-    sides see it free. The interpreter's own locks (imports, the GIL) are
-    reset by CPython after a fork.
-    """
-    tracker = getattr(sys.modules.get("cloudpickle.cloudpickle"), "_DYNAMIC_CLASS_TRACKER_LOCK", None)
-    with warnings.catch_warnings():
-        # The template exists to make this the only fork from a threaded process.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if tracker is None:
-            return os.fork()
-        with tracker:
-            return os.fork()
 
 
 def _settle(future: JobFuture[Any], value: Any, error: BaseException | None) -> None:
