@@ -12,7 +12,7 @@ even if nobody reads the results); its chunks are submitted as earlier ones
 complete. ``imap_unordered`` and ``batch`` read their input lazily, in the
 consumer's thread.
 
-With ``progress=``, each run has a :class:`~poolkit.job_progress.Tracker`:
+With ``progress=``, each run has a ``Tracker``:
 every submitted chunk is watched (running while a worker holds it); ``map``
 and ``imap_unordered`` settle a chunk's inputs when its future ends, ``batch``
 settles each input when its outcome is known (a failed attempt it retries is
@@ -440,7 +440,7 @@ def imap_unordered(
 
 @dataclass(frozen=True)
 class Outcome(Generic[T]):
-    """What happened to one input of :meth:`Pool.batch`.
+    """What happened to one input of [`Pool.batch`][poolkit.Pool.batch].
 
     ``ok`` tells which fields matter: ``value`` when it succeeded; else
     ``error`` (the exception's type name), ``message`` and ``traceback``.
@@ -475,7 +475,7 @@ def run_batch(
     star: bool = False,
     progress: ProgressArg = None,
 ) -> Iterator[Outcome[T]]:
-    """The engine of :meth:`Pool.batch` (and of ``poolkit run``)."""
+    """The engine of [`Pool.batch`][poolkit.Pool.batch] (and of ``poolkit run``)."""
     if not callable(fn):
         raise TypeError(f"{fn!r} is not callable")
     check_progress(progress)

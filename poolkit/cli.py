@@ -1,6 +1,6 @@
 """The ``poolkit`` command: ``poolkit run`` over JSON lines, and ``poolkit demo``.
 
-``poolkit run MODULE:FUNCTION INPUT -o OUTPUT`` is :func:`poolkit.batch.run_batch`
+``poolkit run MODULE:FUNCTION INPUT -o OUTPUT`` is ``poolkit.batch.run_batch``
 from the shell. Its contract with the user:
 
 * every non-blank input line gets exactly one output line, written (and
@@ -444,7 +444,7 @@ class _Interrupted(BaseException):
 
 
 class _Interrupts:
-    """Turns SIGINT and SIGTERM into :class:`_Interrupted`, deferred while a line is written."""
+    """Turns SIGINT and SIGTERM into ``_Interrupted``, deferred while a line is written."""
 
     def __init__(self) -> None:
         self.critical = False

@@ -1,10 +1,10 @@
 """What a running job knows about itself, and how it talks to its parent.
 
-Inside a job, :func:`current_job` says which job this is and which worker runs
+Inside a job, [`current_job`][poolkit.current_job] says which job this is and which worker runs
 it, and the environment holds ``POOLKIT_JOB_ID``, ``POOLKIT_JOB_TYPE`` and
 ``POOLKIT_WORKER_ID`` so that programs the job starts see them too. The worker
 loop sets both before the job and clears both after it, so nothing leaks into
-the next job. Outside a job :func:`current_job` returns None.
+the next job. Outside a job [`current_job`][poolkit.current_job] returns None.
 """
 
 from __future__ import annotations

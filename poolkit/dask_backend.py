@@ -1,16 +1,16 @@
 """Run poolkit jobs on a Dask distributed cluster, with poolkit's isolation on every node.
 
-``DaskPool(address_or_client, **pool_options)`` has :class:`~poolkit.Pool`'s API
+``DaskPool(address_or_client, **pool_options)`` has [`Pool`][poolkit.Pool]'s API
 (``submit``, ``map``, ``options``, ``batch``, ``stats``, ``shutdown``, the
 ``concurrent.futures.Executor`` interface) but its jobs run on the workers of a
 Dask cluster.
 
 How a job travels (see ``docs/dask.md`` for the why):
 
-* ``DaskPool`` registers a Dask ``WorkerPlugin`` (:class:`NodePool`) with the pool
+* ``DaskPool`` registers a Dask ``WorkerPlugin`` (``NodePool``) with the pool
   options. On every Dask worker, present and future, the plugin starts a local
-  :class:`~poolkit.Pool` sized to the worker's thread count.
-* Each job is one Dask task (:func:`run_job`). The task hands the job to its
+  [`Pool`][poolkit.Pool] sized to the worker's thread count.
+* Each job is one Dask task (``run_job``). The task hands the job to its
   worker's local pool and waits, so a segfault, a leak or a timeout kills a
   poolkit child, never the Dask worker, and ``max_tasks_per_child``, the memory
   limits and the timeouts mean the same on every node as on one machine.
@@ -23,7 +23,7 @@ How a job travels (see ``docs/dask.md`` for the why):
 * Dask does what it is good at: placement, moving arguments (a Dask future
   among the arguments becomes its value), and worker loss: a task whose Dask
   worker dies is run again elsewhere, up to the scheduler's
-  ``allowed-failures``; past that the caller sees :class:`DaskJobLost`.
+  ``allowed-failures``; past that the caller sees ``DaskJobLost``.
 * "Started" and progress messages travel as Dask events
   (``Worker.log_event`` -> scheduler -> ``Client.subscribe_topic``); the
   caller's future gets ``running()``, ``progress`` and its progress callbacks.
@@ -99,7 +99,7 @@ class DaskJobLost(WorkerCrashed):
     """Dask gave up on the job: its Dask worker died more often than ``allowed-failures``,
     or Dask cancelled it (scheduler gone, client closed, cluster restarted).
 
-    A :class:`~poolkit.WorkerCrashed` (so a ``BrokenProcessPool``): the job did
+    A [`WorkerCrashed`][poolkit.WorkerCrashed] (so a ``BrokenProcessPool``): the job did
     not fail by itself, the machinery under it went away. The Dask error is the
     ``__cause__``.
     """
@@ -115,10 +115,10 @@ Envelope = tuple[
 
 
 class NodePool(WorkerPlugin):
-    """A Dask worker plugin that hosts one local poolkit :class:`~poolkit.Pool`.
+    """A Dask worker plugin that hosts one local poolkit [`Pool`][poolkit.Pool].
 
-    Registered by :class:`DaskPool`; Dask runs :meth:`setup` on every worker that
-    is in the cluster or joins it later, and :meth:`teardown` when the
+    Registered by [`DaskPool`][poolkit.dask_backend.DaskPool]; Dask runs ``setup`` on every worker that
+    is in the cluster or joins it later, and ``teardown`` when the
     ``DaskPool`` shuts down or the worker closes.
     """
 
@@ -248,7 +248,7 @@ class NodePool(WorkerPlugin):
 
 
 def _envelope(local: JobFuture[Any], job_id: str, address: str, count: int) -> Envelope:
-    """What the caller gets back for a job that ran on this node (see :data:`Envelope`)."""
+    """What the caller gets back for a job that ran on this node (see ``Envelope``)."""
     tb: str | None = None
     value: Any
     if local.cancelled():
@@ -273,7 +273,7 @@ class _ProgressForwarder:
     """Sends one job's progress values to the caller, at most one per ``interval``.
 
     ``put`` runs in the node pool's manager thread and must never wait; a value
-    that comes too soon is kept (the latest wins) and sent by :meth:`follow`,
+    that comes too soon is kept (the latest wins) and sent by ``follow``,
     which runs in the Dask task thread until the job is done.
     """
 
@@ -381,7 +381,7 @@ def _node_stats(plugin_name: str, dask_worker: Any = None) -> PoolStats | None:
 
 
 class DaskJobFuture(JobFuture[T]):
-    """The future of a job run through :class:`DaskPool`: a :class:`~poolkit.JobFuture`
+    """The future of a job run through [`DaskPool`][poolkit.dask_backend.DaskPool]: a [`JobFuture`][poolkit.JobFuture]
     that also says on which Dask worker (``node``, its address) the job ran.
 
     ``worker_id`` and ``pid`` are those of the poolkit child on that node;
@@ -400,7 +400,7 @@ class DaskJobFuture(JobFuture[T]):
         Until its "started" message arrives, a job may already run on a node, or
         be about to: so a pending job's cancel asks every node first (one round
         trip), and says yes only when none has started it and all have promised
-        never to. :func:`poolkit.futures.cancel_all` asks about many jobs at once.
+        never to. ``poolkit.futures.cancel_all`` asks about many jobs at once.
         """
         cancel_many = self._cancel_many
         if cancel_many is not None and not self.done() and not self.running():
@@ -462,7 +462,7 @@ class DaskPool(Executor):
         progress_interval: at most one progress message per job per this many
             seconds crosses the scheduler; the last value always arrives.
         connect_timeout: seconds to wait for the scheduler when given an address.
-        The other options are :class:`~poolkit.Pool`'s and apply to every node's
+        The other options are [`Pool`][poolkit.Pool]'s and apply to every node's
         pool: ``max_tasks_per_child``, ``max_memory_per_child``,
         ``memory_limit_per_child``, ``job_timeout``, initializer, finalizer, ...
     """
@@ -600,7 +600,7 @@ class DaskPool(Executor):
         """Run ``fn(*args, **kwargs)`` in a poolkit child on some Dask worker.
 
         Dask futures among the arguments are replaced by their values on the
-        node (Dask moves the data). Per-job options go through :meth:`options`.
+        node (Dask moves the data). Per-job options go through [`options`][poolkit.dask_backend.DaskPool.options].
         """
         return self._submit(fn, args, kwargs, None, None, None, 0)
 
@@ -722,7 +722,7 @@ class DaskPool(Executor):
         """The cluster as one pool.
 
         ``workers``, ``spawned`` and ``retired`` add up the node pools alive now
-        (a lost Dask worker takes its figures with it; see :meth:`node_stats`).
+        (a lost Dask worker takes its figures with it; see ``node_stats``).
         The job counters are the caller's: every job submitted here, and how it
         ended as the caller saw it (a job lost with its node counts as crashed).
         """
@@ -1099,7 +1099,7 @@ def _mark_running(future: Future[Any]) -> bool:
 
 
 class DaskJobOptions(JobOptions):
-    """Per-job options bound to a :class:`DaskPool`; made by :meth:`DaskPool.options`."""
+    """Per-job options bound to a [`DaskPool`][poolkit.dask_backend.DaskPool]; made by [`DaskPool.options`][poolkit.dask_backend.DaskPool.options]."""
 
     _pool: DaskPool
 

@@ -9,9 +9,9 @@ more kinds show what poolkit adds, on purpose:
 * *leak* keeps 48 MiB per call; ``max_memory_per_child`` retires the worker
   once its RSS is past the limit, and a fresh one takes over;
 * *crash* kills its own worker (``os._exit(3)``, or a segmentation fault via
-  ``ctypes``); only that job fails, with :class:`~poolkit.WorkerCrashed`;
+  ``ctypes``); only that job fails, with [`WorkerCrashed`][poolkit.WorkerCrashed];
 * *hang* sleeps for ten minutes under a 2 s timeout
-  (``pool.options(timeout=...)``); it fails with :class:`~poolkit.JobTimeout`
+  (``pool.options(timeout=...)``); it fails with [`JobTimeout`][poolkit.JobTimeout]
   and its worker is replaced.
 
 Every job also checks that it sees its own ``POOLKIT_JOB_ID`` and

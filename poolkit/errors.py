@@ -1,10 +1,10 @@
 """The errors poolkit raises.
 
-Every error poolkit itself raises derives from :class:`PoolkitError`, so one
+Every error poolkit itself raises derives from [`PoolkitError`][poolkit.PoolkitError], so one
 ``except PoolkitError`` catches them all. Two of them also derive from the
 standard library's classes so that code written for
 ``concurrent.futures.ProcessPoolExecutor`` keeps working unchanged:
-:class:`WorkerCrashed` is a ``BrokenProcessPool`` and :class:`JobTimeout` is a
+[`WorkerCrashed`][poolkit.WorkerCrashed] is a ``BrokenProcessPool`` and [`JobTimeout`][poolkit.JobTimeout] is a
 ``TimeoutError``. A job's *own* exception is never wrapped: it comes back as
 itself, with the worker's traceback attached as ``__cause__``.
 """
@@ -108,7 +108,7 @@ def _rebuild_crash(
 class MemoryLimitExceeded(WorkerCrashed):
     """The worker went over ``memory_limit_per_child`` while running this job and was killed.
 
-    Attributes (besides :class:`WorkerCrashed`'s): ``rss`` (bytes seen) and
+    Attributes (besides [`WorkerCrashed`][poolkit.WorkerCrashed]'s): ``rss`` (bytes seen) and
     ``limit`` (bytes allowed) are in the message.
     """
 

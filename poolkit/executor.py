@@ -1,10 +1,10 @@
-"""``ProcessPoolExecutor``: the standard library's signature on top of :class:`Pool`.
+"""``ProcessPoolExecutor``: the standard library's signature on top of [`Pool`][poolkit.Pool].
 
 ``from poolkit import ProcessPoolExecutor`` is meant as a one-line change.
 Where poolkit deliberately differs from the standard library:
 
 * a worker that dies fails only the job it was running
-  (:class:`~poolkit.WorkerCrashed`, still a ``BrokenProcessPool``); the pool
+  ([`WorkerCrashed`][poolkit.WorkerCrashed], still a ``BrokenProcessPool``); the pool
   replaces the worker and keeps serving instead of breaking;
 * ``max_tasks_per_child`` works with every start method, fork included;
 * ``map``'s default ``chunksize`` is chosen from measured job durations

@@ -29,7 +29,7 @@ class JobFuture(Future[T], Generic[T]):
         job_type: the caller's label, or None.
         worker_id, pid: the worker running the job, once it runs.
         progress: the latest value the job sent with ``report_progress``, or None.
-        stats: :class:`~poolkit.JobStats` once the job has run (None before, and
+        stats: [`JobStats`][poolkit.JobStats] once the job has run (None before, and
             for a job that never ran or whose worker died).
     """
 
@@ -153,7 +153,7 @@ def cancel_all(futures: Iterable[Future[Any]]) -> None:
     """Cancel every future of ``futures`` that has not started.
 
     Same as calling ``cancel()`` on each, except that futures whose cancel
-    must ask their pool's nodes first (:class:`~poolkit.DaskPool`) are asked
+    must ask their pool's nodes first ([`DaskPool`][poolkit.dask_backend.DaskPool]) are asked
     about together, in one round trip per pool.
     """
     asks: dict[Callable[[list[Any]], None], list[Future[Any]]] = {}

@@ -4,7 +4,7 @@ A worker runs many jobs one after another in the same process, so process
 state a job changes would otherwise reach every later job of that worker: an
 alarm it armed kills a later job, a ``chdir`` moves a later job's relative
 paths, a ``signal.signal(SIGTERM, SIG_IGN)`` makes a later job unkillable by a
-timeout's SIGTERM. :class:`Baseline` is a snapshot of that state taken once
+timeout's SIGTERM. ``Baseline`` is a snapshot of that state taken once
 per worker, after the initializer ran and before the first job (what the
 initializer set up is the worker's baseline), and ``restore()`` puts it back
 after each job. Only what is cheap to check is covered, because a worker runs

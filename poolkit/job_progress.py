@@ -1,16 +1,16 @@
 """``progress=`` for ``map``, ``imap_unordered`` and ``batch``: watch a run from the library.
 
-A :class:`Tracker` counts one run's inputs as they settle (done, failed) and
+A ``Tracker`` counts one run's inputs as they settle (done, failed) and
 how many of its jobs a worker holds (running). One reporter thread,
 ``poolkit-progress``, shows the counts every so often, in one of three ways:
 
 * ``progress=True`` with stderr on a terminal: a live ``rich`` bar
   (done/total, failed, running, rate, time left), redrawn in place;
 * ``progress=True`` anywhere else (a log file, CI, a notebook, where redraws
-  are noise): a plain line on stderr every :data:`PLAIN_INTERVAL` seconds and
+  are noise): a plain line on stderr every ``PLAIN_INTERVAL`` seconds and
   one at the end;
-* ``progress=callable``: the callable gets a :class:`ProgressCounts` every
-  :data:`CALLBACK_INTERVAL` seconds and once at the end, in the reporter thread.
+* ``progress=callable``: the callable gets a [`ProgressCounts`][poolkit.ProgressCounts] every
+  ``CALLBACK_INTERVAL`` seconds and once at the end, in the reporter thread.
 
 Why a thread of its own: the counts change in the pool's manager thread
 (a future's done callback), and the caller's thread may be blocked on one slow
@@ -147,7 +147,7 @@ class _Sink:
 
 
 class _Lines(_Sink):
-    """A plain line on stderr every :data:`PLAIN_INTERVAL` seconds and a last one at the end."""
+    """A plain line on stderr every ``PLAIN_INTERVAL`` seconds and a last one at the end."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream

@@ -12,7 +12,7 @@ one page) with one slot per worker, and the read end of a pipe. A worker
 writes its slot as a *watched* job starts (a job with a timeout, or any job
 of a pool with ``memory_limit_per_child``): the job's sequence number and its
 deadline; then it writes one byte to the pipe, which wakes the template. When
-the job ends it clears the slot. The template (:class:`Enforcer`) knows from
+the job ends it clears the slot. The template (``Enforcer``) knows from
 the slots when the next thing is due, and then:
 
 * at a job's deadline: SIGTERM to the worker's process group, SIGKILL

@@ -4,7 +4,7 @@ poolkit logs through structlog wrapped around the standard library logger
 ``"poolkit"``, which carries a ``NullHandler``: nothing is printed until the
 application configures logging (``logging.basicConfig(level=logging.INFO)``
 shows worker and pool events, ``DEBUG`` adds per-job events) or calls
-:func:`log_to_json` for JSON lines. The manager asks :func:`enabled` before
+[`log_to_json`][poolkit.log_to_json] for JSON lines. The manager asks ``enabled`` before
 building an event, so a pool with logging off pays one integer comparison per
 event and nothing per job.
 """

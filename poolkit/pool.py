@@ -1,8 +1,8 @@
 """``Pool``: poolkit's public executor.
 
-``Pool`` is a :class:`concurrent.futures.Executor`. It checks the caller's
+``Pool`` is a ``concurrent.futures.Executor``. It checks the caller's
 input, pickles each job in the caller's thread (so a pickling error lands on
-that job's future and nowhere else) and hands it to its :class:`Manager`,
+that job's future and nowhere else) and hands it to its ``Manager``,
 which owns everything else. See ``docs/concepts.md`` for the life of a job.
 """
 
@@ -59,12 +59,12 @@ class Pool(Executor):
         max_memory_per_child: retire a worker whose RSS after a job is above
             this (bytes, or ``"512MiB"``).
         memory_limit_per_child: kill a worker whose RSS goes above this *while*
-            a job runs; that job fails with :class:`~poolkit.MemoryLimitExceeded`.
+            a job runs; that job fails with [`MemoryLimitExceeded`][poolkit.MemoryLimitExceeded].
         max_lifetime_per_child: retire a worker after this many seconds.
         idle_timeout: a worker idle this long exits (down to ``min_workers``).
         min_workers: the floor for ``idle_timeout``; default ``max_workers``.
         job_timeout: default per-job timeout in seconds; a job past it fails
-            with :class:`~poolkit.JobTimeout` and its worker is replaced.
+            with [`JobTimeout`][poolkit.JobTimeout] and its worker is replaced.
         kill_grace: seconds between SIGTERM and SIGKILL when stopping a worker.
         exit_timeout: seconds a retiring worker has to run its finalizer and
             exit before it is killed (so a hung finalizer cannot hang shutdown).
@@ -74,7 +74,7 @@ class Pool(Executor):
         stall_timeout: seconds the pool's own thread may spend away from its
             loop (inside a done- or progress callback, which run in that
             thread) before the pool counts as stuck: every unfinished future
-            then fails with :class:`~poolkit.BrokenPool`, the workers are
+            then fails with [`BrokenPool`][poolkit.BrokenPool], the workers are
             killed, and ``shutdown()`` returns. None: wait for ever.
         name: a name for logs and stats.
     """
@@ -154,7 +154,7 @@ class Pool(Executor):
         """Run ``fn(*args, **kwargs)`` in a worker; every keyword goes to ``fn``.
 
         Per-job options (timeout, job id and type, retries) go through
-        :meth:`options`. A pickling error is set on the returned future.
+        [`options`][poolkit.Pool.options]. A pickling error is set on the returned future.
         """
         return self._submit(fn, args, kwargs, None, None, None, 0)
 
@@ -280,7 +280,7 @@ class Pool(Executor):
         max_in_flight: int | None = None,
         progress: ProgressArg = None,
     ) -> Iterator[_batch.Outcome[T]]:
-        """Run ``fn`` on every input; yield an :class:`~poolkit.Outcome` per input, never stopping at a failure.
+        """Run ``fn`` on every input; yield an [`Outcome`][poolkit.Outcome] per input, never stopping at a failure.
 
         ``progress`` is as for ``map``; an input counts as failed only after its last attempt.
         """
@@ -360,7 +360,7 @@ class Pool(Executor):
         self._manager.signal_workers(signal.SIGTERM)
 
     def kill_workers(self) -> None:
-        """SIGKILL to every worker (Python 3.14's executor method); as :meth:`terminate_workers`."""
+        """SIGKILL to every worker (Python 3.14's executor method); as [`terminate_workers`][poolkit.Pool.terminate_workers]."""
         self._manager.signal_workers(signal.SIGKILL)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -415,7 +415,7 @@ class Pool(Executor):
 
 
 class _Submits(Protocol):
-    """What :class:`JobOptions` needs of its pool (a :class:`Pool` or a ``DaskPool``)."""
+    """What [`JobOptions`][poolkit.JobOptions] needs of its pool (a [`Pool`][poolkit.Pool] or a ``DaskPool``)."""
 
     def _submit(
         self,
@@ -431,7 +431,7 @@ class _Submits(Protocol):
 
 
 class JobOptions:
-    """Per-job options bound to a pool; made by :meth:`Pool.options`."""
+    """Per-job options bound to a pool; made by [`Pool.options`][poolkit.Pool.options]."""
 
     def __init__(
         self,

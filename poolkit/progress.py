@@ -8,7 +8,7 @@ Two audiences, two renderings of the same figures:
 * a log file or a CI job (stderr is not a terminal) gets plain lines, one every
   few seconds, because escape codes and redraws are noise in a log.
 
-The figures live in :class:`RunTally`, which only the caller's main thread
+The figures live in ``RunTally``, which only the caller's main thread
 writes; the displays only read it. ``rich``'s own refresh thread reads plain
 ints, each replaced whole, so no lock is needed. Every display writes to
 stderr, never stdout: stdout may carry the JSON lines a user pipes on.

@@ -1,13 +1,13 @@
 """How jobs and results are turned into bytes.
 
 Jobs must accept lambdas, closures and functions defined in ``__main__``, which
-plain :mod:`pickle` refuses or pickles by a reference the worker cannot
-resolve. :mod:`cloudpickle` handles them, but pickling everything with it costs
-about ten times more than :mod:`pickle` for an ordinary module-level function.
+plain ``pickle`` refuses or pickles by a reference the worker cannot
+resolve. ``cloudpickle`` handles them, but pickling everything with it costs
+about ten times more than ``pickle`` for an ordinary module-level function.
 So poolkit pickles with the C pickler and hands only the objects that need it
 (functions and classes that cannot be found again by module and name) to
 cloudpickle, through ``reducer_override``. The result is plain pickle data that
-:func:`pickle.loads` reads back.
+``pickle.loads`` reads back.
 """
 
 from __future__ import annotations
@@ -229,10 +229,10 @@ def _fresh_dumper() -> _Dumper:
 
 
 def dumps(obj: Any, main_refs: MainRefs | None = None) -> bytes:
-    """Pickle ``obj`` so that a worker (or the parent) can load it with :func:`pickle.loads`.
+    """Pickle ``obj`` so that a worker (or the parent) can load it with ``pickle.loads``.
 
     ``main_refs`` names the ``__main__`` objects the receiving process shares
-    with this one (see :func:`snapshot_main`); by default, those of this process.
+    with this one (see ``snapshot_main``); by default, those of this process.
     """
     refs = process_main_refs if main_refs is None else main_refs
     state: _Dumper = getattr(_local, "dumper", None) or _fresh_dumper()

@@ -2,7 +2,7 @@
 
 The manager asks two questions of the same timers on every pass of its loop:
 how long may ``select`` sleep, and what is due now. Both answers come from
-:meth:`Timers.deadlines`, so they cannot disagree. When they could (each
+``Timers.deadlines``, so they cannot disagree. When they could (each
 question once had its own copy of the rules, and the idle rule differed),
 the loop found a timer due for ``select``, fired nothing, and asked again at
 once: a busy loop for as long as the condition held.

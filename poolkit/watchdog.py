@@ -7,7 +7,7 @@ same pool) stops the pool: no result is read, no timer fires, and
 ``shutdown()`` would wait for ever. So this thread looks at every pool of the
 process a few times a second. A manager that has been away from its loop for
 longer than its pool's ``stall_timeout`` is declared stuck
-(:meth:`Manager.declare_stuck`): its unfinished futures fail with
+(``Manager.declare_stuck``): its unfinished futures fail with
 ``BrokenPool`` and its processes are killed, so no caller waits for ever.
 
 Only time during which this thread itself ran on schedule counts. When the
@@ -39,7 +39,7 @@ _thread: threading.Thread | None = None
 
 
 def watch(manager: Manager) -> None:
-    """Watch ``manager`` until :func:`forget`; starts this process's watchdog thread if none runs."""
+    """Watch ``manager`` until ``forget``; starts this process's watchdog thread if none runs."""
     global _thread, _thread_pid
     if manager.config.stall_timeout is None:
         return

@@ -1,7 +1,7 @@
 """The worker table: each worker's life cycle, as the manager thread tracks it.
 
 A worker's life is the diagram in ``docs/concepts.md``, one
-:class:`WorkerState` per box and one :class:`WorkerTable` method per arrow::
+``WorkerState`` per box and one ``WorkerTable`` method per arrow::
 
     spawn       -> STARTING    add()
     STARTING    -> READY       ready()      (a RETIRING worker that was not ready yet stays RETIRING)
@@ -10,12 +10,12 @@ A worker's life is the diagram in ``docs/concepts.md``, one
     READY, RETIRING -> EXITED   lost()      (its stream ended: it died, or left by itself)
     any         -> gone        remove()     (the template reported its exit status)
 
-Why a worker leaves is one :class:`RetireReason`, counted once: a kill or a
+Why a worker leaves is one ``RetireReason``, counted once: a kill or a
 crash that comes after a retirement replaces it in the count.
 
 The table does no I/O beyond making a new worker's socket pair; it never
 fails a job. A worker's jobs run in order, so the oldest unanswered one is the
-one it runs (the *head*); :meth:`WorkerTable.unstarted` hands back the others,
+one it runs (the *head*); ``WorkerTable.unstarted`` hands back the others,
 which had not started, for the manager to put back in the queue.
 """
 
