@@ -13,6 +13,7 @@ from .errors import (
     MemoryLimitExceeded,
     PoolkitError,
     RemoteTraceback,
+    UnpicklableJobError,
     UnpicklingFailed,
     WorkerCrashed,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ProcessPoolExecutor",
     "ProgressCounts",
     "RemoteTraceback",
+    "UnpicklableJobError",
     "UnpicklingFailed",
     "WorkerCrashed",
     "WorkerInfo",

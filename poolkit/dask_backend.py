@@ -631,6 +631,7 @@ class DaskPool(Executor):
         job_type: str | None,
         retries: int,
         accepted_before_shutdown: bool = False,
+        subject: str | None = None,
     ) -> DaskJobFuture[Any]:
         """Submit one job (the signature of ``Pool._submit``, which ``poolkit.batch`` calls).
 
@@ -649,6 +650,8 @@ class DaskPool(Executor):
                     raise ValueError(f"job_id {job_id!r} is already in use by an unfinished job")
                 self._given_ids.add(job_id)
         future: DaskJobFuture[Any] = DaskJobFuture(job_id, job_type, seq)
+        if subject is not None:
+            future._subject = subject
         future._terminate = functools.partial(self._request_terminate, seq)
         future._cancel_many = self._cancel_pending
         job = _Job(seq, future)

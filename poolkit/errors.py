@@ -22,6 +22,7 @@ __all__ = [
     "MemoryLimitExceeded",
     "PoolkitError",
     "RemoteTraceback",
+    "UnpicklableJobError",
     "UnpicklingFailed",
     "WorkerCrashed",
     "describe_exit",
@@ -134,6 +135,43 @@ class UnpicklingFailed(BrokenProcessPool, pickle.UnpicklingError, PoolkitError):
     ``except`` clause catches it. The unpickling error itself is ``__cause__``.
     The pool, and the worker, go on.
     """
+
+
+class UnpicklableJobError(PoolkitError, pickle.PicklingError, TypeError):
+    """Stands in for a job's exception that could not travel back to your process.
+
+    An exception that will not pickle in the worker (it holds a lock, say), or
+    whose pickle will not load again (``__init__`` takes arguments that
+    ``args`` does not hold: ``TwoArgs(42, "disk full")``), would otherwise
+    turn into a pickling error that hides what the job raised. This error
+    keeps it: the original's type name and message are in the message and in
+    ``type_name`` and ``original_message``, and the worker's traceback
+    is ``traceback`` (and ``__cause__``, as for any job's exception).
+    It is also a ``pickle.PicklingError`` and a ``TypeError``, the types the
+    standard library's executor raises in this case, so code written for it
+    still catches it.
+    """
+
+    def __init__(self, message: str, *, type_name: str, original_message: str, traceback: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.original_message = original_message
+        self.traceback = traceback
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Keyword-only attributes do not survive the default exception pickling.
+        return (
+            _rebuild_unpicklable,
+            (str(self), self.type_name, self.original_message, self.traceback),
+        )
+
+
+def _rebuild_unpicklable(
+    message: str, type_name: str, original_message: str, traceback: str
+) -> UnpicklableJobError:
+    return UnpicklableJobError(
+        message, type_name=type_name, original_message=original_message, traceback=traceback
+    )
 
 
 class RemoteTraceback(_RemoteTraceback):

@@ -29,6 +29,10 @@ class JobFuture(Future[T], Generic[T]):
         job_type: the caller's label, or None.
         worker_id, pid: the worker running the job, once it runs.
         progress: the latest value the job sent with ``report_progress``, or None.
+        subject: what error messages call this job: ``"job 4"``, or what
+            ``map`` and ``batch`` call it (``"input 3"``), the caller's own terms.
+        attempt: how many times the job was started, once its worker died or
+            it timed out (retries included); for a job that answered, see ``stats``.
         stats: [`JobStats`][poolkit.JobStats] once the job has run (None before, and
             for a job that never ran or whose worker died).
     """
@@ -38,6 +42,8 @@ class JobFuture(Future[T], Generic[T]):
     worker_id: int | None = None
     pid: int | None = None
     progress: Any = _NO_PROGRESS
+    attempt: int | None = None
+    _subject: str | None = None
     _raw_stats: tuple[Any, ...] | None = None
     _progress_callbacks: list[Callable[[JobFuture[Any], Any], None]] | None = None
     _terminate: Callable[[JobFuture[Any]], None] | None = None
@@ -51,6 +57,10 @@ class JobFuture(Future[T], Generic[T]):
         super().__init__()
         self.job_id = job_id
         self.job_type = job_type
+
+    @property
+    def subject(self) -> str:
+        return self._subject or f"job {self.job_id}"
 
     def __repr__(self) -> str:
         return f"<JobFuture job_id={self.job_id!r} {self._state.lower()}>"
@@ -150,17 +160,21 @@ class JobFuture(Future[T], Generic[T]):
 
 
 def cancel_all(futures: Iterable[Future[Any]]) -> None:
-    """Cancel every future of ``futures`` that has not started.
+    """Cancel every future of ``futures`` whose job has not started.
 
-    Same as calling ``cancel()`` on each, except that futures whose cancel
-    must ask their pool's nodes first ([`DaskPool`][poolkit.dask_backend.DaskPool]) are asked
-    about together, in one round trip per pool.
+    Same as calling ``cancel()`` on each, except that a job already sent
+    ahead to a worker (pipelined: its future counts as running, but no
+    worker has started it, so ``cancel()`` refuses) is cancelled too, and
+    the worker told to skip it; and that futures whose cancel must ask their
+    pool's nodes first ([`DaskPool`][poolkit.dask_backend.DaskPool]) are asked about
+    together, in one round trip per pool.
     """
     asks: dict[Callable[[list[Any]], None], list[Future[Any]]] = {}
     for future in futures:
         cancel_many = getattr(future, "_cancel_many", None)
         if cancel_many is None or future.done():
-            future.cancel()
+            if not future.cancel() and isinstance(future, JobFuture) and future.worker_id is None:
+                future.terminate()  # sent ahead, not started: the worker skips it
         else:
             asks.setdefault(cancel_many, []).append(future)
     for cancel_many, group in asks.items():

@@ -701,7 +701,7 @@ class Manager:
         how = describe_exit(exitcode)
         message = (
             f"worker {worker.worker_id} (pid {worker.pid}) died with {how} while running "
-            f"job {job.future.job_id}"
+            f"{job.future.subject}"
         )
         if why:
             message += f": {why}"
@@ -715,6 +715,7 @@ class Manager:
             exit=how,
             job_id=job.future.job_id,
         )
+        job.future.attempt = job.attempt
         self._fail(
             job,
             WorkerCrashed(
@@ -762,7 +763,7 @@ class Manager:
         if worker.inflight:
             head = worker.inflight[0]
             exc = MemoryError(
-                f"the result of job {head.future.job_id} ({error.length / 2**20:.0f} MiB) does "
+                f"the result of {head.future.subject} ({error.length / 2**20:.0f} MiB) does "
                 "not fit in the parent's memory"
             )
             self.counters["failed"] += 1
@@ -915,13 +916,13 @@ class Manager:
             if outcome == wire.OUTCOME_NOT_LOADED:
                 cause = exc
                 exc = UnpicklingFailed(
-                    f"the function or arguments of job {future.job_id} could not be unpickled "
+                    f"the function or arguments of {future.subject} could not be unpickled "
                     f"in its worker: {cause!r}"
                 )
                 exc.__cause__ = cause
         except BaseException as error:  # SystemExit from a hostile __reduce__ too: this job only
             exc = UnpicklingFailed(
-                f"the result of job {future.job_id} could not be unpickled in the parent: {error!r}"
+                f"the result of {future.subject} could not be unpickled in the parent: {error!r}"
             )
             exc.__cause__ = error
         self.counters["failed"] += 1
@@ -975,10 +976,11 @@ class Manager:
             job.attempt += 1
             self._pending.appendleft(job)
             return
+        job.future.attempt = job.attempt
         self._fail(
             job,
             JobTimeout(
-                f"job {job.future.job_id} ran past its timeout of {job.timeout:g} s; "
+                f"{job.future.subject} ran past its timeout of {job.timeout:g} s; "
                 f"worker {worker.worker_id} (pid {worker.pid}) was stopped"
             ),
         )
@@ -995,10 +997,11 @@ class Manager:
         )
         self._kill(worker, RetireReason.MEMORY_LIMIT, signal.SIGKILL, now)
         self.counters["crashed"] += 1
+        job.future.attempt = job.attempt
         self._fail(
             job,
             MemoryLimitExceeded(
-                f"job {job.future.job_id} used too much memory: worker {worker.worker_id} "
+                f"{job.future.subject} used too much memory: worker {worker.worker_id} "
                 f"(pid {worker.pid}) reached {rss / 2**20:.0f} MiB, over the "
                 f"memory_limit_per_child of {limit / 2**20:.0f} MiB, and was killed",  # type: ignore[operator]
                 exitcode=-signal.SIGKILL,

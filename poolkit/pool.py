@@ -179,10 +179,12 @@ class Pool(Executor):
         job_type: str | None,
         retries: int,
         accepted_before_shutdown: bool = False,
+        subject: str | None = None,
     ) -> JobFuture[Any]:
         """Queue one job. ``accepted_before_shutdown``: the rest of a ``map`` call
         that began before ``shutdown()``, which must still run, as it would have
-        if every chunk had been submitted at once."""
+        if every chunk had been submitted at once. ``subject``: what error
+        messages call the job (``map`` and ``batch`` name their inputs)."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         manager = self._manager
@@ -208,6 +210,8 @@ class Pool(Executor):
             future.add_done_callback(self._release_id)
         future._terminate = manager.terminate
         future._on_cancel = manager.wake
+        if subject is not None:
+            future._subject = subject
         try:
             payload = dumps((fn, args, kwargs), manager.main_refs)
         except Exception as exc:  # unpicklable function or argument: this future only
@@ -427,6 +431,7 @@ class _Submits(Protocol):
         job_type: str | None,
         retries: int,
         accepted_before_shutdown: bool = False,
+        subject: str | None = None,
     ) -> JobFuture[Any]: ...
 
 
@@ -467,6 +472,15 @@ class JobOptions:
             fn, args, kwargs, self.timeout, self.job_id, self.job_type, self.retries
         )
 
+    def submit_input(self, subject: str, fn: Callable[..., T], /, *args: Any) -> JobFuture[T]:
+        """``submit`` for ``map`` and ``batch``: ``subject`` names the input(s) in error messages.
+
+        No ``job_id``: these options serve many jobs, and an id is one job's.
+        """
+        return self._pool._submit(
+            fn, args, {}, self.timeout, None, self.job_type, self.retries, subject=subject
+        )
+
     def map(
         self,
         fn: Callable[..., T],
@@ -474,8 +488,8 @@ class JobOptions:
         timeout: float | None = None,
     ) -> Iterator[T]:
         """Ordered results, one job per input, each under these options."""
-        futures = [self._one(fn, args) for args in zip(*iterables, strict=False)]
+        futures = [
+            self.submit_input(f"input {index}", fn, *args)
+            for index, args in enumerate(zip(*iterables, strict=False))
+        ]
         return _batch.iterate_in_order(futures, timeout)
-
-    def _one(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> JobFuture[Any]:
-        return self._pool._submit(fn, args, {}, self.timeout, None, self.job_type, self.retries)

@@ -21,9 +21,9 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import RemoteTraceback
+from .errors import RemoteTraceback, UnpicklableJobError
 
-__all__ = ["PROTOCOL", "attach_remote_traceback", "dumps", "format_exception", "loads"]
+__all__ = ["PROTOCOL", "attach_remote_traceback", "dumps", "dumps_error", "format_exception", "loads"]
 
 PROTOCOL = 5
 
@@ -257,6 +257,40 @@ def dumps(obj: Any, main_refs: MainRefs | None = None) -> bytes:
 
 def format_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def dumps_error(exc: BaseException) -> bytes:
+    """Pickle ``(exception, traceback text)`` so that it is sure to load again in the pool's process.
+
+    The one rule for a job's exception that cannot make the trip: one that
+    will not pickle, and one whose pickle will not load (its ``__init__``
+    wants arguments its ``args`` do not hold, so unpickling calls it wrong),
+    are both replaced by [`UnpicklableJobError`][poolkit.UnpicklableJobError], which keeps
+    the original's type name, message and traceback text. The load is tried
+    here, in the worker, because only here are the type and message still known.
+    """
+    tb = format_exception(exc)
+    step = "pickled"
+    try:
+        data = dumps((exc, tb))
+        step = "unpickled"
+        pickle.loads(data)
+        return data
+    except BaseException as failure:  # SystemExit from a hostile __reduce__ or __init__ too
+        why = f"{type(failure).__name__}: {failure}"
+    cls = type(exc)
+    type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        message = str(exc)
+    except BaseException as str_failure:
+        message = f"<str() failed: {type(str_failure).__name__}>"
+    stand_in = UnpicklableJobError(
+        f"{type_name}: {message} (the job's exception could not be {step}: {why})",
+        type_name=type_name,
+        original_message=message,
+        traceback=tb,
+    )
+    return dumps((stand_in, tb))
 
 
 def attach_remote_traceback(exc: BaseException, tb_text: str) -> BaseException:

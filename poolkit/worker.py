@@ -33,32 +33,11 @@ from . import context, wire
 from .config import WorkerConfig
 from .isolation import Baseline
 from .limits import JobWatch, map_area
-from .serialization import dumps, format_exception, loads
+from .serialization import dumps, dumps_error, format_exception, loads
 
 __all__ = ["load_config", "main", "rehearse", "serve", "worker_socket"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _pickled_error(exc: BaseException) -> bytes:
-    """Pickle (exception, traceback text).
-
-    An exception that will not pickle is replaced by the pickling error, of
-    its own type (as the standard library's executor reports it), whose
-    message names the original; the traceback text is the original's.
-    """
-    tb = format_exception(exc)
-    try:
-        return dumps((exc, tb))
-    except Exception as pickling_error:
-        note = (
-            f"{type(exc).__name__}: {exc} (the job's exception could not be pickled: "
-            f"{pickling_error})"
-        )
-        try:
-            return dumps((type(pickling_error)(note), tb))
-        except Exception:
-            return dumps((RuntimeError(note), tb))
 
 
 _NOT_OPENED = -1  # a /proc file not tried yet; None: tried, and it would not open
@@ -207,7 +186,7 @@ def _run_job(
             fn, args, kwargs = loads(payload)
         except BaseException as exc:  # SystemExit from a hostile __reduce__ too
             outcome = wire.OUTCOME_NOT_LOADED
-            data = _pickled_error(exc)
+            data = dumps_error(exc)
         else:
             del payload
             value = fn(*args, **kwargs)
@@ -216,11 +195,11 @@ def _run_job(
                 data = dumps(value)
             except BaseException as exc:  # the result itself will not pickle
                 outcome = wire.OUTCOME_ERROR
-                data = _pickled_error(exc)
+                data = dumps_error(exc)
             del value
     except BaseException as exc:  # the job's own exception, SystemExit included
         outcome = wire.OUTCOME_ERROR
-        data = _pickled_error(exc)
+        data = dumps_error(exc)
     finally:
         context.leave_job()
         if watch is not None:
@@ -344,7 +323,7 @@ def _serve(
     watch: JobWatch | None,
 ) -> NoReturn:
     if isinstance(config, BaseException):
-        channel.send(wire.encode_init_failed(_pickled_error(config)))
+        channel.send(wire.encode_init_failed(dumps_error(config)))
         _exit(1)
     if watch is not None:
         watch.memory = config.memory_limit_per_child is not None
@@ -365,7 +344,7 @@ def _serve(
             import logging
 
             logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
-            channel.send(wire.encode_init_failed(_pickled_error(exc)))
+            channel.send(wire.encode_init_failed(dumps_error(exc)))
             _exit(1)
     channel.send(wire.encode_ready(os.getpid()))
     # After the initializer: what it set up is the state every job starts from.
