@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import BrokenExecutor, CancelledError, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass
@@ -700,7 +700,7 @@ def run_batch(
     star: bool = False,
     stop_running: bool = False,
     progress: ProgressArg = None,
-) -> Iterator[Outcome[T]]:
+) -> Generator[Outcome[T], None, None]:
     """The engine of [`Pool.batch`][poolkit.Pool.batch] (and of ``poolkit run``).
 
     When the consumer stops reading early, the jobs it will not read are
@@ -744,7 +744,7 @@ def _batch_outcomes(
     stop_running: bool,
     progress: ProgressArg,
     total: int | None,
-) -> Iterator[Outcome[Any]]:
+) -> Generator[Outcome[Any], None, None]:
     tracker = feeder.tracker = make_tracker(progress, "batch", total)
     try:
         yield from _batch_loop(pool, feeder, fn, retries, retry_exceptions, timeout, ordered, star, tracker)

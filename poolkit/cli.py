@@ -33,8 +33,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Generator, Iterator
 from types import FrameType
 from typing import Any, BinaryIO, NoReturn, TextIO, cast
 
@@ -343,63 +342,6 @@ def resolve_function(spec: str) -> Callable[..., Any]:
 
 
 # ----------------------------------------------------------------- the pool
-
-
-class _TrackingPool:
-    """Passes ``run_batch``'s calls to the pool and remembers the unfinished futures.
-
-    ``pool.shutdown(cancel_futures=True)`` cancels queued jobs but lets running
-    ones finish; after Ctrl-C the user wants them stopped too, so the CLI
-    terminates every future it still knows about.
-    """
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-        self._futures: set[Future[Any]] = set()
-        self._lock = threading.Lock()
-
-    @property
-    def max_workers(self) -> int:
-        return int(self.pool.max_workers)
-
-    def options(self, **kwargs: Any) -> _TrackingOptions:
-        return _TrackingOptions(self, self.pool.options(**kwargs))
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self.track(self.pool.submit(fn, *args, **kwargs))
-
-    def track(self, future: Future[Any]) -> Future[Any]:
-        with self._lock:
-            self._futures.add(future)
-        future.add_done_callback(self._forget)  # outside the lock: it may run right here
-        return future
-
-    def _forget(self, future: Future[Any]) -> None:
-        with self._lock:
-            self._futures.discard(future)
-
-    def stop_all(self) -> None:
-        """Cancel what is queued and kill the workers running the rest."""
-        with self._lock:
-            futures = list(self._futures)
-        for future in futures:
-            terminate = getattr(future, "terminate", None)
-            if terminate is not None:
-                terminate()
-            else:
-                future.cancel()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.pool, name)
-
-
-class _TrackingOptions:
-    def __init__(self, tracker: _TrackingPool, options: Any) -> None:
-        self._tracker = tracker
-        self._options = options
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._tracker.track(self._options.submit(fn, *args, **kwargs))
 
 
 def _make_pool(args: argparse.Namespace) -> Any:
@@ -864,27 +806,31 @@ def _run(
     display, console = make_run_display(mode, tally, interval=args.progress_interval)
     interrupts = _Interrupts()
     state = _RunState(args, output, display, tally, interrupts, previous)
-    tracker = _TrackingPool(pool)
     poller = StatsPoller(pool.stats, lambda s: setattr(tally, "recycled", s.recycled))
     stopped_by: int | None = None
     failure: BaseException | None = None
     started = time.monotonic()
     interrupts.install()
+    outcomes: Generator[Outcome[Any], None, None] | None = None
     try:
         try:
             display.start()
             poller.start()
+            # stop_running: when the loop below is left early (Ctrl-C, an
+            # unwritable output), closing the batch cancels what is queued and
+            # kills what runs; the user wants them stopped, not finished.
             outcomes = run_batch(
-                cast(Pool, tracker),
+                pool,
                 fn,
                 state.inputs(stream),
                 retries=args.retries,
                 retry_exceptions=args.retry_exceptions,
                 timeout=args.timeout,
                 ordered=args.ordered,
-                chunksize=_chunksize(args, tally.total, tracker.max_workers),
+                chunksize=_chunksize(args, tally.total, pool.max_workers),
                 max_in_flight=None,
                 star=args.star,
+                stop_running=True,
             )
             for outcome in outcomes:
                 with interrupts.protect():
@@ -898,7 +844,8 @@ def _run(
         finally:
             interrupts.stopping = True  # a second Ctrl-C during the cleanup is ignored
         if stopped_by is not None or failure is not None:
-            tracker.stop_all()
+            if outcomes is not None:
+                outcomes.close()
             pool.shutdown(wait=True, cancel_futures=True)
             if not isinstance(failure, _OutputFailed):
                 try:
