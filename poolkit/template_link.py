@@ -4,7 +4,7 @@ The template forks every worker and reaps it (``template.py``); the pool talks
 to it over one socket pair, the *control* socket. This module is the only
 place that starts or stops a template and the only one that builds its SPAWN
 and KILL frames. It decides nothing: the manager says when to spawn or kill
-and acts on what :meth:`TemplateLink.read` returns.
+and acts on what ``TemplateLink.read`` returns.
 """
 
 from __future__ import annotations
