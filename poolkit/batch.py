@@ -670,6 +670,21 @@ class Outcome(Generic[T]):
     ``attempts`` counts the runs of this input: more than 1 after retries
     (its worker died, it timed out, or with ``retry_exceptions`` it raised),
     0 if it never ran (it could not be pickled, or was cancelled first).
+
+    Attributes:
+        index: the input's position in the iterable, from 0.
+        input: the input itself.
+        ok: whether ``fn`` returned for it.
+        value: what ``fn`` returned (None when not ``ok``).
+        error: the exception's type name (``"ValueError"``, ``"WorkerCrashed"``,
+            ``"JobTimeout"``, ...), or None.
+        message: the exception's message, or None.
+        traceback: the traceback as formatted in the worker, or None.
+        attempts: how many times the input ran.
+        worker_id: the worker that ran its last attempt, if any.
+        pid: that worker's process id, if any.
+        wall_time: seconds its last attempt took in the worker, if it ran.
+        cpu_time: CPU seconds of its last attempt, if it ran.
     """
 
     index: int

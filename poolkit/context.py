@@ -54,6 +54,10 @@ def report_progress(value: Any) -> None:
     It never waits for a slow parent: if the channel is full the value is kept
     and only the latest one is sent when there is room. Outside a job (or in a
     job run by another executor) it does nothing, so job code stays portable.
+
+    Args:
+        value: what to send: a number, a dict, any object that pickles; the
+            parent's progress callbacks receive it as it is.
     """
     sink = _progress_sink
     if sink is not None:

@@ -459,12 +459,31 @@ class DaskPool(Executor):
         start_method: of the node pools; default ``"forkserver"`` (see
             ``docs/dask.md``: the template is then a fresh interpreter that does
             not inherit the Dask worker's sockets and threads).
+        initializer: run once in each poolkit child before its first job.
+        initargs: arguments for ``initializer``.
+        preload: modules each node's template imports.
+        finalizer: run in each child when it retires or the pool shuts down.
+        finalargs: arguments for ``finalizer``.
+        max_tasks_per_child: retire a child after this many jobs.
+        recycle_jitter: 0..1; retire up to this fraction earlier, at random.
+        max_memory_per_child: retire a child whose RSS after a job is above
+            this (bytes, or ``"512MiB"``).
+        memory_limit_per_child: kill a child whose RSS goes above this while a
+            job runs; that job fails with
+            [`MemoryLimitExceeded`][poolkit.MemoryLimitExceeded].
+        memory_check_interval: seconds between two samples of a busy child's RSS.
+        max_lifetime_per_child: retire a child after this many seconds.
+        idle_timeout: a child idle this long exits (down to ``min_workers``).
+        min_workers: the floor for ``idle_timeout``, per node.
+        job_timeout: default per-job timeout in seconds.
+        kill_grace: seconds between SIGTERM and SIGKILL when stopping a child.
+        name: a name for logs and stats; default ``"dask"``.
         progress_interval: at most one progress message per job per this many
             seconds crosses the scheduler; the last value always arrives.
         connect_timeout: seconds to wait for the scheduler when given an address.
-        The other options are [`Pool`][poolkit.Pool]'s and apply to every node's
-        pool: ``max_tasks_per_child``, ``max_memory_per_child``,
-        ``memory_limit_per_child``, ``job_timeout``, initializer, finalizer, ...
+
+    The child options mean what they mean for [`Pool`][poolkit.Pool], and apply
+    to the pool on every node.
     """
 
     def __init__(
@@ -601,6 +620,11 @@ class DaskPool(Executor):
 
         Dask futures among the arguments are replaced by their values on the
         node (Dask moves the data). Per-job options go through [`options`][poolkit.dask_backend.DaskPool.options].
+
+        Args:
+            fn: the function to run; positional only.
+            *args: its positional arguments (Dask futures allowed).
+            **kwargs: its keyword arguments.
         """
         return self._submit(fn, args, kwargs, None, None, None, 0)
 
@@ -616,6 +640,13 @@ class DaskPool(Executor):
 
         ``timeout`` and ``retries`` (re-runs after a crash or a timeout) act in
         the node's pool, exactly as in a local pool.
+
+        Args:
+            timeout: seconds the job may run; default: the pool's ``job_timeout``.
+            job_id: the job's id; unique among unfinished jobs.
+            job_type: a label for logs and ``current_job().job_type``.
+            retries: how many times to run the job again after its child died
+                or it timed out.
         """
         return DaskJobOptions(
             self, timeout=timeout, job_id=job_id, job_type=job_type, retries=retries
@@ -758,8 +789,10 @@ class DaskPool(Executor):
         """Stop taking jobs; let those submitted finish (or cancel the pending ones), then
         remove the node pools and, if this pool opened it, close the client.
 
-        ``cancel_futures`` cancels the jobs not started yet; running ones finish.
-        With ``wait=False`` the clean-up happens in a background thread.
+        Args:
+            wait: return once the node pools are removed; with False, the
+                clean-up happens in a background thread.
+            cancel_futures: cancel the jobs not started yet; running ones finish.
         """
         with self._lock:
             self._shutdown = True

@@ -55,6 +55,9 @@ class WorkerCrashed(BrokenProcessPool, PoolkitError):
     on. Subclasses ``BrokenProcessPool`` so that ``except BrokenProcessPool``
     written for the standard library still catches it.
 
+    Args:
+        message: what happened, in words (``str(error)``).
+
     Attributes:
         exitcode: the worker's exit code, negative for a signal (None if unknown).
         signal_name: ``"SIGSEGV"`` and so on when a signal ended it, else None.
@@ -179,6 +182,9 @@ class RemoteTraceback(_RemoteTraceback):
 
     A subclass of the standard library's own (``concurrent.futures.process._RemoteTraceback``),
     so code that looks for that class finds this one.
+
+    Args:
+        tb: the traceback as the worker formatted it; also ``str(error)``.
     """
 
     def __init__(self, tb: str) -> None:

@@ -23,7 +23,18 @@ __all__ = ["ProcessPoolExecutor"]
 
 
 class ProcessPoolExecutor(Pool):
-    """A drop-in for ``concurrent.futures.ProcessPoolExecutor`` that survives crashes."""
+    """A drop-in for ``concurrent.futures.ProcessPoolExecutor`` that survives crashes.
+
+    Args:
+        max_workers: number of workers; default: the CPUs this process may use.
+        mp_context: a ``multiprocessing`` context; only its start method is used.
+        initializer: run once in each worker before its first job.
+        initargs: arguments for ``initializer``.
+        max_tasks_per_child: retire a worker after this many jobs; unlike the
+            standard library's, it works with the ``fork`` start method too.
+        **poolkit_options: any other keyword argument of [`Pool`][poolkit.Pool]
+            (``job_timeout``, ``max_memory_per_child``, ``finalizer``, ...).
+    """
 
     def __init__(
         self,

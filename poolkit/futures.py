@@ -102,6 +102,10 @@ class JobFuture(Future[T], Generic[T]):
 
         Callbacks run in the pool's manager thread, in the order the values
         were sent; keep them short. An exception in one is logged and ignored.
+
+        Args:
+            fn: called as ``fn(future, value)`` with this future and the value
+                the job passed to [`report_progress`][poolkit.report_progress].
         """
         with self._condition:
             if self._progress_callbacks is None:

@@ -115,9 +115,15 @@ class _JsonFormatter(logging.Formatter):
 
 
 def log_to_json(level: int = logging.INFO, stream: IO[str] | None = None) -> logging.Handler:
-    """Send poolkit's events to ``stream`` (default stderr) as JSON lines, from ``level`` up.
+    """Send poolkit's events to ``stream`` as JSON lines, from ``level`` up.
 
-    Returns the handler so that it can be removed again.
+    Args:
+        level: the lowest level sent (``logging.DEBUG`` adds one event per job).
+        stream: where the lines go; default ``sys.stderr``.
+
+    Returns:
+        The handler, so that it can be removed again
+        (``logging.getLogger("poolkit").removeHandler(handler)``).
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_JsonFormatter())

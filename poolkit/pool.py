@@ -21,6 +21,7 @@ from concurrent.futures import Executor, Future
 from typing import Any, Protocol, TypeVar
 
 from . import batch as _batch
+from .batch import Outcome
 from .config import PoolConfig
 from .errors import BrokenPool
 from .futures import JobFuture
@@ -60,6 +61,8 @@ class Pool(Executor):
             this (bytes, or ``"512MiB"``).
         memory_limit_per_child: kill a worker whose RSS goes above this *while*
             a job runs; that job fails with [`MemoryLimitExceeded`][poolkit.MemoryLimitExceeded].
+        memory_check_interval: seconds between two samples of a busy worker's
+            RSS for ``memory_limit_per_child``.
         max_lifetime_per_child: retire a worker after this many seconds.
         idle_timeout: a worker idle this long exits (down to ``min_workers``).
         min_workers: the floor for ``idle_timeout``; default ``max_workers``.
@@ -155,6 +158,15 @@ class Pool(Executor):
 
         Per-job options (timeout, job id and type, retries) go through
         [`options`][poolkit.Pool.options]. A pickling error is set on the returned future.
+
+        Args:
+            fn: the function to run; positional only, so that ``fn`` is free as
+                a keyword of the job.
+            *args: its positional arguments.
+            **kwargs: its keyword arguments.
+
+        Returns:
+            A future whose ``stats`` say what the job cost once it is done.
         """
         return self._submit(fn, args, kwargs, None, None, None, 0)
 
@@ -166,7 +178,18 @@ class Pool(Executor):
         job_type: str | None = None,
         retries: int = 0,
     ) -> JobOptions:
-        """Per-job options: ``pool.options(timeout=30, job_type="backup").submit(fn, x)``."""
+        """Per-job options: ``pool.options(timeout=30, job_type="backup").submit(fn, x)``.
+
+        Args:
+            timeout: seconds the job may run; past it, it fails with
+                [`JobTimeout`][poolkit.JobTimeout] and its worker is replaced.
+                Default: the pool's ``job_timeout``.
+            job_id: the job's id (``current_job().job_id``, ``$POOLKIT_JOB_ID``,
+                logs); unique among unfinished jobs. Default: a sequence number.
+            job_type: a label for logs and ``current_job().job_type``.
+            retries: how many times to run the job again after its worker died
+                or it timed out (not after an exception it raised).
+        """
         return JobOptions(self, timeout=timeout, job_id=job_id, job_type=job_type, retries=retries)
 
     def _submit(
@@ -247,11 +270,19 @@ class Pool(Executor):
         """Like ``Executor.map``: results in order, the first exception raised when reached.
 
         All inputs are taken at once (as the standard library does, so jobs run
-        even if the results are never read). ``chunksize=None`` chooses chunk
-        sizes from the measured duration of the first calls. ``progress=True``
-        shows the run's progress on stderr (a live bar on a terminal, a plain
-        line every few seconds elsewhere); a callable receives
-        ``poolkit.ProgressCounts`` instead, in a thread of its own.
+        even if the results are never read).
+
+        Args:
+            fn: called as ``fn(*items)``, one item from each iterable.
+            *iterables: the inputs; like ``zip``, the shortest ends the run.
+            timeout: seconds from this call after which the iterator raises
+                ``TimeoutError`` for a result not yet there.
+            chunksize: inputs per job; default ``None`` chooses chunk sizes
+                from the measured duration of the first calls.
+            progress: ``True`` shows the run's progress on stderr (a live bar
+                on a terminal, a plain line every few seconds elsewhere); a
+                callable receives [`ProgressCounts`][poolkit.ProgressCounts]
+                instead, in a thread of its own. Default: none.
         """
         return _batch.map_ordered(
             self, fn, iterables, timeout=timeout, chunksize=chunksize, progress=progress
@@ -267,7 +298,12 @@ class Pool(Executor):
     ) -> Iterator[T]:
         """Results as they complete, reading ``iterable`` lazily with a bounded number in flight.
 
-        ``progress`` is as for ``map``; the total is ``len(iterable)`` when it has one.
+        Args:
+            fn: a function of one argument.
+            iterable: the inputs; may be a generator, or endless.
+            chunksize: inputs per job; default: sized from measured durations.
+            progress: as for [`map`][poolkit.Pool.map]; the total is
+                ``len(iterable)`` when it has one.
         """
         return _batch.imap_unordered(self, fn, iterable, chunksize=chunksize, progress=progress)
 
@@ -283,10 +319,29 @@ class Pool(Executor):
         chunksize: int | None = None,
         max_in_flight: int | None = None,
         progress: ProgressArg = None,
-    ) -> Iterator[_batch.Outcome[T]]:
+    ) -> Iterator[Outcome[T]]:
         """Run ``fn`` on every input; yield an [`Outcome`][poolkit.Outcome] per input, never stopping at a failure.
 
-        ``progress`` is as for ``map``; an input counts as failed only after its last attempt.
+        Args:
+            fn: a function of one argument, run once per input.
+            iterable: the inputs; read lazily, so it may be a generator or endless.
+            retries: how many times to run an input again after its worker
+                died or it timed out (and after an exception, with
+                ``retry_exceptions``).
+            retry_exceptions: also retry an input whose ``fn`` raised.
+            timeout: seconds each input may run; past it, that input fails
+                with [`JobTimeout`][poolkit.JobTimeout] and its worker is
+                replaced. A timeout sends one input per job.
+            ordered: yield outcomes in input order (True) or as they complete.
+            chunksize: inputs sent to a worker at a time; default: sized from
+                the measured duration of the first inputs (1 with ``timeout``).
+            max_in_flight: bound on chunks sent but not yet answered.
+            progress: as for [`map`][poolkit.Pool.map]; an input counts as
+                failed only after its last attempt.
+
+        Returns:
+            An iterator of outcomes, one per input, that never raises for a
+            failed input.
         """
         return _batch.run_batch(
             self,
@@ -304,13 +359,23 @@ class Pool(Executor):
     # ------------------------------------------------------------ asyncio
 
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """``await pool.run(fn, *args)``: submit and await the result without a thread per job."""
+        """``await pool.run(fn, *args)``: submit and await the result without a thread per job.
+
+        Args:
+            fn: the function to run, as for [`submit`][poolkit.Pool.submit].
+            *args: its positional arguments.
+            **kwargs: its keyword arguments.
+        """
         import asyncio  # imported on use: asyncio costs ~20 ms to import
 
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     async def as_completed_async(self, futures: Iterable[Future[T]]) -> AsyncIterator[Future[T]]:
-        """Yield ``futures`` as they complete, inside an event loop."""
+        """Yield ``futures`` as they complete, inside an event loop.
+
+        Args:
+            futures: futures of this pool (or any ``concurrent.futures`` futures).
+        """
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -370,8 +435,12 @@ class Pool(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking jobs; finish those queued (unless ``cancel_futures``), retire every worker.
 
-        With ``wait=True`` it returns once every worker and the template have
-        exited and every file descriptor of the pool is closed.
+        Args:
+            wait: return once every worker and the template have exited and
+                every file descriptor of the pool is closed; with False, return
+                at once while the pool finishes in the background.
+            cancel_futures: cancel the jobs that have not started instead of
+                running them.
         """
         with self._shutdown_lock:
             self._shutdown = True
@@ -436,7 +505,7 @@ class _Submits(Protocol):
 
 
 class JobOptions:
-    """Per-job options bound to a pool; made by [`Pool.options`][poolkit.Pool.options]."""
+    """Per-job options bound to a pool; made by [`Pool.options`][poolkit.Pool.options], which documents them."""
 
     def __init__(
         self,
@@ -468,6 +537,13 @@ class JobOptions:
         self.retries = retries
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture[T]:
+        """Run ``fn(*args, **kwargs)`` in a worker under these options.
+
+        Args:
+            fn: the function to run; positional only.
+            *args: its positional arguments.
+            **kwargs: its keyword arguments.
+        """
         return self._pool._submit(
             fn, args, kwargs, self.timeout, self.job_id, self.job_type, self.retries
         )
@@ -476,6 +552,11 @@ class JobOptions:
         """``submit`` for ``map`` and ``batch``: ``subject`` names the input(s) in error messages.
 
         No ``job_id``: these options serve many jobs, and an id is one job's.
+
+        Args:
+            subject: how error messages name the job (``"input 7"``).
+            fn: the function to run; positional only.
+            *args: its positional arguments.
         """
         return self._pool._submit(
             fn, args, {}, self.timeout, None, self.job_type, self.retries, subject=subject
@@ -487,7 +568,14 @@ class JobOptions:
         *iterables: Iterable[Any],
         timeout: float | None = None,
     ) -> Iterator[T]:
-        """Ordered results, one job per input, each under these options."""
+        """Ordered results, one job per input, each under these options.
+
+        Args:
+            fn: called as ``fn(*items)``, one item from each iterable.
+            *iterables: the inputs; the shortest ends the run.
+            timeout: seconds from this call after which the iterator raises
+                ``TimeoutError`` for a result not yet there.
+        """
         futures = [
             self.submit_input(f"input {index}", fn, *args)
             for index, args in enumerate(zip(*iterables, strict=False))

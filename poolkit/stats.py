@@ -19,7 +19,8 @@ class JobStats:
         cpu_time: CPU seconds the worker process used during the job.
         peak_rss: the worker's peak resident memory during the job, in bytes.
         rss_after: the worker's resident memory right after the job, in bytes.
-        worker_id, pid: who ran it.
+        worker_id: poolkit's id for the worker that ran it.
+        pid: that worker's process id.
         attempt: 1 for the first run, more when retried.
         worker_retired: why the worker was retired after this job, if it was.
     """
@@ -38,9 +39,17 @@ class JobStats:
 class WorkerInfo:
     """One worker, as the pool sees it at the time of the snapshot.
 
-    ``state`` is one of ``"starting"``, ``"ready"``, ``"retiring"``,
-    ``"killing"`` and ``"exited"`` (its stream ended; its exit status is
-    awaited): the life cycle in the docs' concepts page.
+    Attributes:
+        worker_id: poolkit's id for the worker (1, 2, ...; a replacement gets a new one).
+        pid: its process id; None until it is forked.
+        state: one of ``"starting"``, ``"ready"``, ``"retiring"``,
+            ``"killing"`` and ``"exited"`` (its stream ended; its exit status
+            is awaited): the life cycle in the docs' concepts page.
+        jobs_done: jobs it has answered.
+        rss: its resident memory in bytes, read at the snapshot.
+        cpu_time: CPU seconds its jobs have used.
+        age: seconds since it was started.
+        current_job: the id of the job it runs, or None.
     """
 
     worker_id: int
@@ -57,10 +66,21 @@ class WorkerInfo:
 class PoolStats:
     """A snapshot of the pool: its workers and its counters since it started.
 
-    ``retired`` counts the workers that left by reason (``"tasks"``,
-    ``"memory"``, ``"lifetime"``, ``"idle"``, ``"timeout"``,
-    ``"memory_limit"``, ``"terminated"``, ``"crash"``, ``"start_timeout"``,
-    ``"shutdown"``), each worker once, under its last reason.
+    Attributes:
+        workers: each worker the pool has, as [`WorkerInfo`][poolkit.WorkerInfo].
+        submitted: jobs submitted.
+        done: jobs that returned a value.
+        failed: jobs that raised, or whose call or result could not be pickled.
+        crashed: jobs whose worker died under them (memory limit included).
+        timed_out: jobs stopped by their timeout.
+        cancelled: jobs cancelled or terminated.
+        spawned: workers started.
+        pending: jobs waiting for a worker, at the snapshot.
+        running: jobs running, at the snapshot.
+        retired: the workers that left, by reason (``"tasks"``, ``"memory"``,
+            ``"lifetime"``, ``"idle"``, ``"timeout"``, ``"memory_limit"``,
+            ``"terminated"``, ``"crash"``, ``"start_timeout"``,
+            ``"shutdown"``), each worker once, under its last reason.
     """
 
     workers: tuple[WorkerInfo, ...]

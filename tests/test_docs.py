@@ -16,8 +16,13 @@ Two conventions for examples that are not plain scripts:
   never ends);
 * a block preceded by ``<!-- requires: pebble -->`` shows another library's
   code (the "before" of a migration guide); it runs where that library is
-  installed (``pip install ".[bench]"``) and is left out, with a warning
-  that names it, where it is not.
+  installed (``pip install ".[bench]"``).
+
+CI installs the ``docs`` and ``bench`` extras (``.ci/run``), so there every
+example runs and the site is built: a missing library fails the test. On a
+machine without them (``pip install ".[test]"`` only), an example that needs
+one is left out with a warning naming it, and the site build and the API
+checks are skipped, unless ``POOLKIT_DOCS_REQUIRED=1`` asks for CI's rule.
 
 Blocks in ``py``/``python3`` are refused so that no example escapes the run
 by its fence's spelling; use ``pycon``, ``text`` or ``console`` for output.
@@ -40,6 +45,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 PAGE_TIMEOUT = 240  # seconds for one page's examples, all together
+# CI (and whoever asks) runs everything the docs show: nothing may be left out for a missing extra.
+REQUIRED = any(
+    os.environ.get(name, "").lower() not in ("", "0", "false", "no")
+    for name in ("CI", "POOLKIT_DOCS_REQUIRED")
+)
 NO_TEST = "<!-- no-test -->"
 _REQUIRES = re.compile(r"^<!--\s*requires:\s*([\w., ]+?)\s*-->$")
 
@@ -67,6 +77,16 @@ class Block:
     @property
     def where(self) -> str:
         return f"{self.path.relative_to(ROOT)}:{self.start - 1}"
+
+
+def require(module: str, extra: str) -> None:
+    """Skip without ``module`` (from the ``extra``), except where everything is required (CI)."""
+    top = importlib.util.find_spec(module.split(".")[0])
+    if top is not None and importlib.util.find_spec(module) is not None:
+        return
+    if REQUIRED:
+        pytest.fail(f"{module} is not installed; CI installs it with pip install '.[{extra}]'")
+    pytest.skip(f"needs {module}: pip install '.[{extra}]'")
 
 
 def pages() -> list[Path]:
@@ -129,6 +149,11 @@ def script_of(path: Path, blocks: list[Block]) -> str:
         if block.language != "python" or block.skipped or block.title is not None:
             continue
         if block.missing:
+            if REQUIRED:
+                pytest.fail(
+                    f"{block.where}: example needs {', '.join(block.missing)}, which is not "
+                    "installed; CI installs it with pip install '.[docs,bench]'"
+                )
             warnings.warn(
                 f"{block.where}: example not run, it needs {', '.join(block.missing)} "
                 "(pip install '.[bench]')",
@@ -259,9 +284,8 @@ def test_nav_names_only_existing_pages() -> None:
 @pytest.mark.timeout(300)
 def test_site_builds_strict(tmp_path: Path) -> None:
     """``mkdocs build --strict``: no warning, no broken link or anchor, the API reference resolves."""
-    pytest.importorskip("mkdocs")
-    pytest.importorskip("mkdocstrings_handlers.python")
-    pytest.importorskip("material")
+    for module in ("mkdocs", "mkdocstrings_handlers.python", "material"):
+        require(module, "docs")
     done = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
         cwd=ROOT,
@@ -270,7 +294,82 @@ def test_site_builds_strict(tmp_path: Path) -> None:
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-6000:]
-    assert (tmp_path / "site" / "api" / "index.html").exists()
+    site = tmp_path / "site"
+    api = (site / "api" / "index.html").read_text(encoding="utf-8")
+    # What a reader must never see: Sphinx roles the Markdown renderer shows raw, private
+    # names in signatures, Mermaid source instead of a diagram, anything fetched from a CDN.
+    for raw in (":class:`", ":meth:`", ":func:`", ":attr:`", ":exc:`", "_batch.", "_Submits"):
+        assert raw not in api, f"the API reference shows {raw!r}"
+    for page in site.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert "flowchart " not in text and "stateDiagram" not in text, f"{page}: Mermaid source"
+        for host in ("unpkg.com", "cdn.jsdelivr", "fonts.googleapis", "fonts.gstatic"):
+            assert host not in text, f"{page.relative_to(site)} loads from {host}"
+
+
+API_ROLE = re.compile(r":(class|meth|func|attr|exc|mod|data|obj):`")
+
+
+def api_objects() -> list[tuple[str, dict[str, str]]]:
+    """The objects docs/api.md renders (``::: path``), with their per-object options."""
+    found: list[tuple[str, dict[str, str]]] = []
+    for line in (DOCS / "api.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("::: "):
+            found.append((line[4:].strip(), {}))
+        elif found and re.match(r"^\s{6}\w+: ", line):
+            key, value = line.strip().split(": ", 1)
+            found[-1][1][key] = value
+    return found
+
+
+def test_the_api_reference_documents_every_parameter_in_one_style() -> None:
+    """Each object the API page renders, and each public method of a class there, documents
+    every parameter in its Google-style ``Args:``, and no docstring uses a Sphinx role."""
+    require("griffe", "docs")
+    import griffe
+
+    package = griffe.load("poolkit", search_paths=[str(ROOT)], docstring_parser="google")
+    problems: list[str] = []
+
+    def documented(*docstrings: object) -> set[str]:
+        names: set[str] = set()
+        for docstring in docstrings:
+            if docstring is None:
+                continue
+            for section in docstring.parse("google"):  # type: ignore[attr-defined]
+                if section.kind.value in ("parameters", "other parameters", "attributes"):
+                    names |= {item.name.lstrip("*") for item in section.value}
+        return names
+
+    def check(obj: object, where: str, parameters: list[object], *docstrings: object) -> None:
+        for docstring in docstrings:
+            if docstring is not None and API_ROLE.search(docstring.value):  # type: ignore[attr-defined]
+                problems.append(f"{where}: a Sphinx role")
+        have = documented(*docstrings)
+        names = [p.name for p in parameters if p.name not in ("self", "cls")]  # type: ignore[attr-defined]
+        missing = [name for name in names if name not in have]
+        if missing:
+            problems.append(f"{where}: parameters not documented: {missing}")
+
+    for path, options in api_objects():
+        obj = package[path.removeprefix("poolkit.")] if path != "poolkit" else package
+        obj = obj.final_target if obj.is_alias else obj
+        if obj.is_function:
+            check(obj, path, list(obj.parameters), obj.docstring)
+            continue
+        if not obj.is_class:
+            continue
+        init = obj.members.get("__init__")
+        init = init.final_target if init is not None and init.is_alias else init
+        if init is not None and options.get("merge_init_into_class") != "false":
+            check(obj, path, list(init.parameters), obj.docstring, init.docstring)
+        for name, member in obj.all_members.items():
+            if name.startswith("_"):
+                continue
+            member = member.final_target if member.is_alias else member
+            if member.is_function:
+                check(member, f"{path}.{name}", list(member.parameters), member.docstring)
+    assert not problems, "\n".join(problems)
 
 
 def test_every_diagram_is_rendered_and_no_rendering_is_left_over() -> None:
