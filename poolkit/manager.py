@@ -44,6 +44,7 @@ from typing import Any
 
 from . import watchdog, wire
 from .config import PoolConfig
+from .dispatch import Dispatcher
 from .errors import (
     BrokenPool,
     JobTimeout,
@@ -63,10 +64,7 @@ from .worker_table import Job, RetireReason, Worker, WorkerState, WorkerTable
 __all__ = ["Job", "Manager"]  # Job is the worker table's; pool.py takes it from here
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_MAX_WINDOW = 64
-_TINY_JOB = 0.002  # seconds: jobs shorter than this are worth pipelining
 _START_FAILURES_BEFORE_BROKEN = 3
-_LONG_MIN = 0.001  # seconds: a job running longer than this and 5x the mean gets nothing queued behind it
 _SPAWN_BACKOFF_MIN = 0.01  # seconds before retrying a spawn that found no descriptor; doubles
 _SPAWN_BACKOFF_MAX = 1.0
 _ABORT_WAIT = 5.0  # seconds shutdown waits for a pool it has just aborted (Ctrl-C) before leaving
@@ -146,13 +144,12 @@ class Manager:
         self._table = WorkerTable(config)
         self._workers = self._table.workers  # by id; the table changes it, the loop reads it
         self._timers = Timers.of(config)
-        self._pending: deque[Job] = deque()
+        self._dispatcher = Dispatcher(config)
         self._link = TemplateLink(config)
         self._closing = False
         self._closed = False
         self._broken: BaseException | None = None
         self._start_failures = 0
-        self._ewma: float | None = None
         self._debug = False
         self.counters: dict[str, int] = dict.fromkeys(
             ("submitted", "done", "failed", "crashed", "timed_out", "cancelled", "spawned"), 0
@@ -279,7 +276,7 @@ class Manager:
         for _ in range(10):
             try:
                 futures = [arg.future for command, arg in list(self._inbox) if command == "job"]
-                futures.extend(job.future for job in list(self._pending))
+                futures.extend(job.future for job in list(self._dispatcher.pending))
                 for worker in list(self._workers.values()):
                     futures.extend(job.future for job in list(worker.inflight))
                 return futures
@@ -387,7 +384,7 @@ class Manager:
         self._stop_template()
         for worker in list(self._workers.values()):
             self._worker_exited(worker, -signal.SIGKILL, now, why="its template process died")
-        if (self._closing and not self._pending) or self._broken is not None:
+        if (self._closing and not self._dispatcher.pending) or self._broken is not None:
             return
         try:
             # Started as the pool started: a fork pool's template is forked from
@@ -473,8 +470,8 @@ class Manager:
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every job this manager knows of, queued, running or not yet taken from the inbox."""
-        jobs = list(self._pending)
-        self._pending.clear()
+        jobs = list(self._dispatcher.pending)
+        self._dispatcher.pending.clear()
         for worker in list(self._workers.values()):
             jobs.extend(worker.inflight)
             worker.inflight.clear()
@@ -512,7 +509,7 @@ class Manager:
                 if self._broken is not None:
                     self._fail(arg, self._broken)
                 else:
-                    self._pending.append(arg)
+                    self._dispatcher.pending.append(arg)
             elif command == "stats":
                 self._stats_requests.append(arg)
             elif command == "terminate":
@@ -526,13 +523,13 @@ class Manager:
                 self._closing = True
                 if arg:  # cancel_futures: the jobs not started; re-queued ones still run
                     keep: deque[Job] = deque()
-                    for job in self._pending:
+                    for job in self._dispatcher.pending:
                         if job.future.cancel():
                             self.counters["cancelled"] += 1
                             job.future.set_running_or_notify_cancel()
                         elif not job.future.done():
                             keep.append(job)
-                    self._pending = keep
+                    self._dispatcher.pending = keep
 
     def _next_timeout(self, now: float) -> float | None:
         retry_at = self._spawn_retry_at if self._spawn_retry_at > now else None
@@ -543,10 +540,10 @@ class Manager:
     def _target_workers(self) -> int:
         config = self.config
         if self._closing:
-            return min(config.max_workers, self._busy_count() + len(self._pending))
+            return min(config.max_workers, self._busy_count() + len(self._dispatcher.pending))
         if config.min_workers >= config.max_workers:
             return config.max_workers
-        demand = self._busy_count() + len(self._pending)
+        demand = self._busy_count() + len(self._dispatcher.pending)
         return max(config.min_workers, min(config.max_workers, demand))
 
     def _busy_count(self) -> int:
@@ -641,13 +638,11 @@ class Manager:
 
     def _requeue(self, jobs: list[Job]) -> None:
         """Put jobs a worker had not started back at the front of the queue, in order."""
-        for job in reversed(jobs):
-            if self._broken is not None:
+        if self._broken is not None:
+            for job in jobs:
                 self._fail(job, self._broken)
-                continue
-            job.future.worker_id = None
-            job.future.pid = None
-            self._pending.appendleft(job)
+        else:
+            self._dispatcher.put_back(jobs)
 
     def _worker_exited(self, worker: Worker, exitcode: int, now: float, why: str | None = None) -> None:
         if worker.sock.fileno() >= 0 and not worker.eof:
@@ -693,10 +688,7 @@ class Manager:
             )
 
     def _job_crashed(self, job: Job, worker: Worker, exitcode: int, why: str | None) -> None:
-        if job.retries_left > 0:
-            job.retries_left -= 1
-            job.attempt += 1
-            self._pending.appendleft(job)
+        if self._dispatcher.retry(job):
             return
         how = describe_exit(exitcode)
         message = (
@@ -874,8 +866,7 @@ class Manager:
             return  # a terminated job the worker did not start; its future is cancelled
         worker.rss = rss
         worker.cpu += cpu
-        ewma = self._ewma
-        self._ewma = wall if ewma is None else ewma * 0.9 + wall * 0.1
+        self._dispatcher.measured(wall)
         if inflight:
             worker.start_head(now)
         else:
@@ -930,15 +921,6 @@ class Manager:
 
     # ------------------------------------------------------------ timers
 
-    def _long_after(self) -> float:
-        """After how long a running job counts as far past the mean: nothing is queued behind it.
-
-        A worker runs one job at a time, so a job sent ahead waits for the one
-        in front; when that one is an outlier among tiny jobs, the job would
-        wait while another worker idles.
-        """
-        return max(_LONG_MIN, 5 * (self._ewma or 0.0))
-
     def _fire_timers(self, now: float) -> None:
         """What is due now (timers.py). Job deadlines and the memory limit are the template's (limits.py)."""
         self._timers.fire(self._workers.values(), now, self._timer_due)
@@ -970,11 +952,8 @@ class Manager:
             timeout=job.timeout,
         )
         self._kill(worker, RetireReason.TIMEOUT, signal.SIGTERM, now)
-        if job.retries_left > 0:
-            worker.inflight.popleft()
-            job.retries_left -= 1
-            job.attempt += 1
-            self._pending.appendleft(job)
+        if self._dispatcher.retry(job):
+            worker.inflight.popleft()  # it runs again elsewhere; this worker's exit has nothing to fail
             return
         job.future.attempt = job.attempt
         self._fail(
@@ -1014,9 +993,9 @@ class Manager:
     def _terminate(self, future: JobFuture[Any], now: float) -> None:
         """``future.terminate()`` already cancelled the future; stop the job's worker if it runs it."""
         self.counters["cancelled"] += 1
-        for index, job in enumerate(self._pending):
+        for index, job in enumerate(self._dispatcher.pending):
             if job.future is future:
-                del self._pending[index]  # re-queued after a crash: it has not restarted
+                del self._dispatcher.pending[index]  # re-queued after a crash: it has not restarted
                 return
         for worker in self._workers.values():
             for position, job in enumerate(worker.inflight):
@@ -1034,84 +1013,14 @@ class Manager:
 
     # ------------------------------------------------------------ dispatch
 
-    def _window(self) -> int:
-        ewma = self._ewma
-        if ewma is None:
-            return 1  # nothing measured yet: pipeline nothing
-        if ewma >= _TINY_JOB:
-            return 1
-        return min(_MAX_WINDOW, 1 + int(_TINY_JOB / max(ewma, 1e-6)))
-
     def _dispatch(self, now: float) -> None:
-        pending = self._pending
-        if not pending or self._broken is not None:
+        if not self._dispatcher.pending or self._broken is not None:
             return  # a broken pool's jobs are failed, never started (the watchdog may be failing them)
-        window = self._window()
-        # Idle workers first: pipelining onto a busy one is only for what is left.
-        ready = sorted(
-            (w for w in self._workers.values() if w.state is WorkerState.READY),
-            key=lambda w: len(w.inflight),
-        )
-        # Without an initializer a worker is ready within milliseconds, so a
-        # starting one may take one job ahead of its READY: that saves a round
-        # trip per new worker, most of the cost of recycling. (An initializer
-        # may take long, or hang: then jobs wait for READY, and their timeouts
-        # never include it.)
-        if self.config.initializer is None:
-            ready.extend(
-                w
-                for w in self._workers.values()
-                if w.state is WorkerState.STARTING and not w.inflight
-            )
-        if not ready:
-            return
-        # max_workers bounds the jobs running at once, whatever the recycling:
-        # a worker that is idle may start one only while fewer are busy.
-        busy = sum(1 for w in self._workers.values() if w.inflight and not w.leaving)
-        long_since = now - self._long_after()
-        capacity = self.config.max_workers
-        touched: dict[int, Worker] = {}
-        while pending:
-            progressed = False
-            for worker in ready:
-                if not pending:
-                    break
-                if not worker.inflight:
-                    if busy >= capacity:
-                        continue
-                elif worker.inflight[0].started_at < long_since:
-                    continue  # its job runs far past the mean: queue nothing behind it
-                room = (window if worker.state is WorkerState.READY else 1) - len(worker.inflight)
-                if worker.max_jobs is not None:
-                    room = min(room, worker.max_jobs - worker.jobs_assigned)
-                if room <= 0:
-                    continue
-                job = pending.popleft()
-                future = job.future
-                if not job.dispatched:
-                    if not future.set_running_or_notify_cancel():
-                        self.counters["cancelled"] += 1
-                        progressed = True
-                        continue
-                    job.dispatched = True
-                elif future.done():
-                    progressed = True
-                    continue
-                starts = not worker.inflight
-                worker.inflight.append(job)
-                if starts:
-                    busy += 1  # counted only now: a cancelled job dropped above takes no slot
-                    worker.start_head(now)
-                worker.jobs_assigned += 1
-                worker.outbox.extend(job.frame())
-                touched[worker.worker_id] = worker
-                if worker.max_jobs is not None and worker.jobs_assigned >= worker.max_jobs:
-                    # Its last job: retire it now so the replacement forks while the job runs.
-                    self._retire(worker, RetireReason.TASKS)
-                progressed = True
-            if not progressed:
-                break
-        for worker in touched.values():
+        touched, spent, cancelled = self._dispatcher.assign(self._workers.values(), now)
+        self.counters["cancelled"] += cancelled
+        for worker in spent:
+            self._retire(worker, RetireReason.TASKS)
+        for worker in touched:
             self._flush(worker)
 
     def _flush(self, worker: Worker) -> None:
@@ -1162,8 +1071,8 @@ class Manager:
             return
         self._broken = error
         # Futures first: whatever fails after this (a log, a kill), no caller waits for ever.
-        while self._pending:
-            self._fail(self._pending.popleft(), error)
+        while self._dispatcher.pending:
+            self._fail(self._dispatcher.pending.popleft(), error)
         for worker in list(self._workers.values()):
             for job in worker.inflight:
                 self._fail(job, error)
@@ -1176,9 +1085,9 @@ class Manager:
     def _maybe_finish(self) -> None:
         if not self._closing:
             return
-        if self._pending:
+        if self._dispatcher.pending:
             self._drop_settled_pending()
-            if self._pending:
+            if self._dispatcher.pending:
                 return
         for worker in list(self._workers.values()):
             if not worker.inflight:
@@ -1198,7 +1107,7 @@ class Manager:
                 self._kill(worker, RetireReason.SHUTDOWN, signal.SIGKILL, now)  # re-queues the others
                 if head.future._force_cancel():
                     self.counters["cancelled"] += 1
-        for job in self._pending:
+        for job in self._dispatcher.pending:
             future = job.future
             if job.dispatched:
                 cancelled = future._force_cancel()
@@ -1207,7 +1116,7 @@ class Manager:
                 if cancelled:
                     future.set_running_or_notify_cancel()
             self.counters["cancelled"] += cancelled
-        self._pending.clear()
+        self._dispatcher.pending.clear()
 
     def _drop_settled_pending(self) -> None:
         """Forget queued jobs whose futures already ended (cancelled by the caller, terminated).
@@ -1216,12 +1125,12 @@ class Manager:
         a pool that is shutting down must not wait for one to become free first.
         """
         keep: deque[Job] = deque()
-        for job in self._pending:
+        for job in self._dispatcher.pending:
             if not job.dispatched and job.future.cancelled():
                 self.counters["cancelled"] += 1
             elif not job.future.done():
                 keep.append(job)
-        self._pending = keep
+        self._dispatcher.pending = keep
 
     def _kill_everything(self) -> None:
         for worker in list(self._workers.values()):
@@ -1268,7 +1177,7 @@ class Manager:
             )
         return PoolStats(
             workers=tuple(workers),
-            pending=len(self._pending),
+            pending=len(self._dispatcher.pending),
             running=running,
             retired=dict(self.retired),
             **self.counters,
