@@ -25,7 +25,9 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import io
 import json
+import math
 import os
 import signal
 import stat
@@ -33,12 +35,12 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from types import FrameType
 from typing import Any, BinaryIO, NoReturn, TextIO, cast
 
 from . import __version__
-from .batch import Outcome, run_batch
+from .batch import PENDING, Outcome, run_batch
 from .pool import Pool
 from .progress import (
     MODES,
@@ -52,7 +54,7 @@ from .progress import (
 )
 from .resume import Previous, ResumeError, input_hash, read_previous
 from .serialization import dumps
-from .stats import PoolStats
+from .stats import RECYCLING_REASONS, PoolStats
 
 __all__ = ["build_parser", "main"]
 
@@ -87,7 +89,8 @@ input and output:
   reads stdin. Each value is passed as the function's one argument (with --star:
   a list as positional arguments, an object as keyword arguments).
   One JSON line per input is written to OUTPUT ('-' or nothing: stdout), in the
-  order inputs finish (--ordered: input order), flushed line by line:
+  order inputs finish (--ordered: input order), each written and flushed as
+  soon as its input finishes, while later input is still being read:
 
     {"index": 0, "line": 1, "status": "ok", "input": 3, "result": 9,
      "attempts": 1, "worker_id": 2, "pid": 4242, "wall_time": 0.0012}
@@ -97,12 +100,31 @@ input and output:
   index counts non-blank input lines from 0; line is the 1-based line number.
   A line that is not valid JSON gets an "error" record with error type
   "InvalidInput" (and a message on stderr); the other lines still run.
-  A crashed worker gives error type "WorkerCrashed", a timeout "JobTimeout".
+  A crashed worker gives error type "WorkerCrashed", a timeout "JobTimeout";
+  a job that calls sys.exit() or raises KeyboardInterrupt fails that input
+  ("SystemExit", "KeyboardInterrupt"), and the run goes on.
+  "attempts" counts the runs of the input (retries included).
+  --no-input leaves "input" out of every record (index and line still say
+  which input it is): for big inputs, whose copy would double the output.
+
+  The output is strict JSON: a float NaN or infinity in a result (or input)
+  is written as null, as JSON has no such numbers. A result that JSON cannot
+  hold (an object, a string with a lone surrogate such as
+  os.fsdecode(b'caf\xe9')) fails that input with error type "ResultNotJSON".
+
+the function and its workers:
+  MODULE is imported as 'python -m' would: the current directory comes first
+  on sys.path, for the whole run (so a file there named like a standard module,
+  statistics.py say, hides that module from the function and its imports).
+  Workers read stdin from /dev/null (the input lines are poolkit run's), and
+  what a job prints (stdout) goes to poolkit run's stderr, never into the JSON
+  lines.
 
 reading stdin:
   Inputs are read a few ahead of the workers (2 x workers + 2 jobs). When stdin
-  waits for a slow producer, results that already finished are written as more
-  input (or the end of input) arrives. One input per job unless --chunksize.
+  waits for a slow producer, each result is still written as soon as it
+  finishes. One input per job unless --chunksize. On a terminal, poolkit run
+  says that it reads stdin; end the input with Ctrl-D.
 
 interrupting:
   Ctrl-C (or SIGTERM) stops the run cleanly: running jobs are stopped, workers
@@ -195,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("input", metavar="INPUT", nargs="?", default="-", help="JSON lines file; '-' or absent: stdin")
     run.add_argument("-o", "--output", default="-", help="where the JSON lines go; '-' or absent: stdout")
     run.add_argument("--star", action="store_true", help="spread a list input as arguments, a dict as keyword arguments")
+    run.add_argument(
+        "--no-input", action="store_true",
+        help='leave "input" out of the output records (index and line still name the input)',
+    )
     pool_group = run.add_argument_group("the pool")
     pool_group.add_argument("-w", "--workers", type=_positive_int, help="worker processes (default: CPUs available)")
     pool_group.add_argument("--max-tasks-per-child", type=_positive_int, metavar="N", help="recycle a worker after N jobs")
@@ -354,7 +380,7 @@ def _make_pool(args: argparse.Namespace) -> Any:
     }
     if args.dask is None:
         try:
-            return Pool(args.workers, **options)
+            return Pool(args.workers, initializer=_detach_worker_streams, **options)
         except (TypeError, ValueError) as exc:
             raise UsageError(str(exc)) from None
     try:
@@ -372,6 +398,27 @@ def _make_pool(args: argparse.Namespace) -> Any:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot reach the Dask scheduler at {args.dask!r}: {exc}") from None
+
+
+def _detach_worker_streams() -> None:
+    """Initializer of ``poolkit run``'s workers: stdin from ``/dev/null``, stdout onto stderr.
+
+    A worker inherits the command's descriptors: a job that read stdin would
+    take input lines meant for ``poolkit run`` (one ``readline`` swallowed a
+    buffer of them), and one that printed would write into the JSON lines on
+    stdout. The descriptors themselves are replaced, so that C code and
+    subprocesses of a job are covered too.
+    """
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - fd 0 lives as long as the worker
+    if sys.stdout is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+    os.dup2(2, 1)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # a job's lines reach stderr as it prints them
 
 
 # ----------------------------------------------------------------- interrupts
@@ -454,9 +501,6 @@ class _Output:
         # stdout looked up each time: rich's live display swaps it for a proxy that prints above the bar.
         return self._file if self._file is not None else sys.stdout
 
-    def write(self, record: dict[str, Any]) -> None:
-        self.write_line(json.dumps(record, ensure_ascii=False))
-
     def write_line(self, line: str) -> None:
         stream = self.stream
         try:
@@ -481,6 +525,166 @@ class _Output:
                 self._file.close()
             except OSError as exc:
                 sys.stderr.write(f"poolkit: closing {self.path!r} failed: {exc.strerror or exc}\n")
+
+
+def _json_line(value: Any, *, ascii_only: bool = False) -> str:
+    """``value`` as one line of strict JSON.
+
+    JSON has no NaN or infinity (Python's ``json`` writes them as bare
+    ``NaN``, which strict parsers refuse): they are written as ``null``, as
+    JavaScript's ``JSON.stringify`` does. A string that UTF-8 cannot encode
+    (a lone surrogate, as ``os.fsdecode`` makes of undecodable bytes) raises
+    ``UnicodeEncodeError`` here, before anything is written, unless
+    ``ascii_only`` (then it is written as a ``\\udcxx`` escape).
+    """
+    try:
+        line = json.dumps(value, ensure_ascii=ascii_only, allow_nan=False)
+    except ValueError as exc:
+        if not str(exc).startswith("Out of range float"):
+            raise
+        line = json.dumps(_finite(value), ensure_ascii=ascii_only, allow_nan=False)
+    if not ascii_only:
+        line.encode("utf-8")
+    return line
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinity (in lists, tuples and dict values) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+class _StdinLines:
+    """Reads stdin's lines in a thread of its own, a bounded number ahead.
+
+    A read from a pipe or a terminal waits for the producer; done in the main
+    thread it would hold back every result that finishes meanwhile. Here the
+    main thread takes lines without waiting (``take``), and the batch is told
+    (``set_wake``) when one arrives, so each result is written as it finishes.
+    """
+
+    def __init__(self, stream: BinaryIO, ahead: int) -> None:
+        self._stream = stream
+        self._ahead = ahead
+        self._lines: deque[bytes] = deque()
+        self._cond = threading.Condition()
+        self._ended = False
+        self._stopped = False
+        self._error: OSError | ValueError | None = None
+        self._wake: Callable[[], None] = lambda: None
+        self._thread = threading.Thread(target=self._read, name="poolkit-run-stdin", daemon=True)
+
+    def set_wake(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for raw in _lines_of(self._stream):
+                with self._cond:
+                    while len(self._lines) >= self._ahead and not self._stopped:
+                        self._cond.wait()
+                    if self._stopped:
+                        return  # this line is lost with the run; stop() was called after its end
+                    self._lines.append(raw)
+                self._wake()
+        except (OSError, ValueError) as exc:  # stdin went bad (or was closed under us)
+            self._error = exc
+        finally:
+            with self._cond:
+                self._ended = True
+            self._wake()
+
+    def take(self) -> bytes | None:
+        """The next line if one has arrived; None if none has (see ``ended``). Main thread only."""
+        with self._cond:
+            if self._lines:
+                raw = self._lines.popleft()
+                self._cond.notify()
+                return raw
+            if self._ended and self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            return None
+
+    @property
+    def ended(self) -> bool:
+        with self._cond:
+            return self._ended and not self._lines
+
+    def stop(self) -> list[bytes]:
+        """Stop reading; return the lines read and not taken (they get "not_run" records)."""
+        with self._cond:
+            self._stopped = True
+            lines = list(self._lines)
+            self._lines.clear()
+            self._cond.notify_all()
+        return lines
+
+
+def _lines_of(stream: BinaryIO) -> Iterator[bytes]:
+    """The lines of ``stream``, read from its descriptor with ``os.read`` where it has one.
+
+    Not through the buffered reader: a thread blocked in its ``readline``
+    holds the reader's lock, and an interpreter that exits meanwhile (after
+    Ctrl-C) aborts on it. A descriptor read holds no lock.
+    """
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation: a stream without a descriptor
+        yield from stream
+        return
+    partial: list[bytes] = []  # the pieces of a line not ended yet (joined once: a long line stays linear)
+    while True:
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        *ended, rest = data.split(b"\n")
+        for line in ended:
+            if partial:
+                partial.append(line)
+                line = b"".join(partial)
+                partial.clear()
+            yield line + b"\n"
+        if rest:
+            partial.append(rest)
+    if partial:
+        yield b"".join(partial)
+
+
+class _LiveInputs:
+    """The inputs of a run that reads stdin: values, or ``PENDING`` while no line has arrived."""
+
+    def __init__(self, state: _RunState, lines: _StdinLines) -> None:
+        self._state = state
+        self._lines = lines
+
+    def set_wake(self, wake: Callable[[], None]) -> None:
+        self._lines.set_wake(wake)
+
+    def __iter__(self) -> _LiveInputs:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            raw = self._lines.take()
+            if raw is None:
+                if self._lines.ended:
+                    raise StopIteration
+                return PENDING
+            value = self._state.take_line(raw)
+            if value is not _SKIP:
+                return value
+
+
+_SKIP = object()  # a line that is not an input to run (blank, invalid, finished by an earlier run)
 
 
 def _count_lines(stream: BinaryIO) -> int | None:
@@ -570,33 +774,47 @@ class _RunState:
         self.errors: Counter[str] = Counter()
         self.retried = 0
         self.not_run = 0
+        self.keep_input = not args.no_input
 
     def inputs(self, stream: BinaryIO) -> Iterator[Any]:
-        """The valid inputs, read lazily; invalid lines are written (or held, --ordered) as errors."""
-        lineno = self.lines_read
+        """The valid inputs of a file, read lazily; invalid lines are written (or held, --ordered) as errors."""
         for raw in stream:
-            lineno += 1
-            if not raw.strip():
-                with self.interrupts.protect():
-                    self.lines_read = lineno
-                continue
-            with self.interrupts.protect():
-                if self.previous is not None and self.previous.skips(lineno, raw):
-                    self.next_index += 1
-                    self.lines_read = lineno
-                    self.skipped += 1
-                    continue
-                ok, value = _parse_line(raw, self.args.star)
-                index = self.next_index
-                self.next_index += 1
-                self.lines_read = lineno
-                if ok:
-                    self.pending[self.batch_count] = (index, lineno, input_hash(raw), value)
-                    self.batch_count += 1
-                else:
-                    self._invalid(index, lineno, raw, value)
-            if ok:
+            value = self.take_line(raw)
+            if value is not _SKIP:
                 yield value
+
+    def take_line(self, raw: bytes) -> Any:
+        """Register the next input line; return its value to run, or ``_SKIP``."""
+        lineno = self.lines_read + 1
+        with self.interrupts.protect():
+            self.lines_read = lineno
+            if not raw.strip():
+                return _SKIP
+            if self.previous is not None and self.previous.skips(lineno, raw):
+                self.next_index += 1
+                self.skipped += 1
+                return _SKIP
+            ok, value = _parse_line(raw, self.args.star)
+            index = self.next_index
+            self.next_index += 1
+            if not ok:
+                self._invalid(index, lineno, raw, value)
+                return _SKIP
+            kept = value if self.keep_input else None  # --no-input: a big input is not held either
+            self.pending[self.batch_count] = (index, lineno, input_hash(raw), kept)
+            self.batch_count += 1
+        return value
+
+    def _line(self, record: dict[str, Any]) -> str:
+        """A record as its output line; the one place that applies --no-input."""
+        if not self.keep_input:
+            record.pop("input", None)
+        try:
+            return _json_line(record)
+        except UnicodeEncodeError:
+            # Only an input can be at fault here (results are checked first): it
+            # came from a \udcxx escape in the input line, and goes back as one.
+            return _json_line(record, ascii_only=True)
 
     def _invalid(self, index: int, lineno: int, raw: bytes, why: str) -> None:
         self.display.message(f"poolkit: line {lineno}: {why}; input skipped (error InvalidInput)")
@@ -607,7 +825,7 @@ class _RunState:
             self._write(record, ok=False, error="InvalidInput")
 
     def _write(self, record: dict[str, Any], *, ok: bool, error: str | None) -> None:
-        self.output.write(record)
+        self.output.write_line(self._line(record))
         self._count(ok, error)
 
     def _count(self, ok: bool, error: str | None) -> None:
@@ -643,19 +861,20 @@ class _RunState:
             pid=outcome.pid,
             wall_time=None if outcome.wall_time is None else round(outcome.wall_time, 6),
         )
-        try:
-            line = json.dumps(record, ensure_ascii=False)
-        except (TypeError, ValueError) as exc:  # only the result can be at fault: the rest came from JSON
-            ok, error = False, "ResultNotJSON"
-            del record["result"]
-            record["status"] = "error"
-            record["error"] = {
-                "type": error,
-                "message": f"the function returned {type(outcome.value).__name__} "
-                f"{_short_repr(outcome.value)}, which JSON cannot hold: {exc}",
-                "traceback": None,
-            }
-            line = json.dumps(record, ensure_ascii=False)
+        if ok:
+            try:
+                _json_line(outcome.value)
+            except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+                ok, error = False, "ResultNotJSON"
+                del record["result"]
+                record["status"] = "error"
+                record["error"] = {
+                    "type": error,
+                    "message": f"the function returned {type(outcome.value).__name__} "
+                    f"{_short_repr(outcome.value)}, which JSON cannot hold: {exc}",
+                    "traceback": None,
+                }
+        line = self._line(record)
         if outcome.attempts > 1:
             self.retried += 1
         self.output.write_line(line)
@@ -664,10 +883,12 @@ class _RunState:
     def finish(self) -> None:
         self._release_invalid(None)
 
-    def write_not_run(self, stream: BinaryIO, input_is_file: bool) -> str | None:
+    def write_not_run(self, rest: Iterable[bytes], input_is_file: bool) -> str | None:
         """After an interruption: a "not_run" line for every input without a result.
 
-        Returns a note for stderr about stdin lines that were never read.
+        ``rest``: the input lines not taken yet (a file's lines not read, or
+        the lines of stdin read ahead). Returns a note for stderr about stdin
+        lines that were never read.
         """
         leftovers: list[tuple[int, dict[str, Any]]] = list(self.held_invalid)
         self.held_invalid.clear()
@@ -677,11 +898,9 @@ class _RunState:
         leftovers.sort(key=lambda item: item[0])
         for _, record in leftovers:
             self._record_leftover(record)
-        if not input_is_file:
-            return f"stdin was read up to line {self.lines_read}; lines after it were not read"
-        # A file: name every input that was not read yet, so the output is complete.
+        # Name every input that was not taken yet, so the output is complete.
         lineno = self.lines_read
-        for raw in stream:
+        for raw in rest:
             lineno += 1
             if not raw.strip():
                 continue
@@ -694,11 +913,13 @@ class _RunState:
                 self._record_leftover(_not_run_record(index, lineno, input_hash(raw), value))
             else:
                 self._write(_invalid_record(index, lineno, raw, value), ok=False, error="InvalidInput")
+        if not input_is_file:
+            return f"stdin was read up to line {lineno}; lines after it were not read"
         return None
 
     def _record_leftover(self, record: dict[str, Any]) -> None:
         if record["status"] == "not_run":
-            self.output.write(record)
+            self.output.write_line(self._line(record))
             self.not_run += 1
         else:
             self._write(record, ok=False, error="InvalidInput")
@@ -806,6 +1027,12 @@ def _run(
     display, console = make_run_display(mode, tally, interval=args.progress_interval)
     interrupts = _Interrupts()
     state = _RunState(args, output, display, tally, interrupts, previous)
+    # A file is read in this thread (a read never waits long); a pipe or a
+    # terminal by a thread of its own, so that waiting for input holds back no result.
+    stdin_lines = None if lines is not None else _StdinLines(stream, ahead=pool.max_workers * 2 + 2)
+    inputs: Iterable[Any] = state.inputs(stream) if stdin_lines is None else _LiveInputs(state, stdin_lines)
+    if args.input == "-" and sys.stdin.isatty():
+        sys.stderr.write("poolkit: reading inputs from stdin, one JSON value per line (Ctrl-D ends them)\n")
     poller = StatsPoller(pool.stats, lambda s: setattr(tally, "recycled", s.recycled))
     stopped_by: int | None = None
     failure: BaseException | None = None
@@ -816,13 +1043,15 @@ def _run(
         try:
             display.start()
             poller.start()
+            if stdin_lines is not None:
+                stdin_lines.start()
             # stop_running: when the loop below is left early (Ctrl-C, an
             # unwritable output), closing the batch cancels what is queued and
             # kills what runs; the user wants them stopped, not finished.
             outcomes = run_batch(
                 pool,
                 fn,
-                state.inputs(stream),
+                inputs,
                 retries=args.retries,
                 retry_exceptions=args.retry_exceptions,
                 timeout=args.timeout,
@@ -848,8 +1077,10 @@ def _run(
                 outcomes.close()
             pool.shutdown(wait=True, cancel_futures=True)
             if not isinstance(failure, _OutputFailed):
+                note: str | None = None
                 try:
-                    note = state.write_not_run(stream, input_is_file)
+                    rest = stream if stdin_lines is None else stdin_lines.stop()
+                    note = state.write_not_run(rest, input_is_file)
                 except _OutputFailed as exc:
                     failure = exc
                 except OSError as exc:  # the input went bad as well: what was written stands
@@ -918,6 +1149,11 @@ def _final_stats(pool: Any) -> PoolStats | None:
         return None
 
 
+def _reasons(counts: dict[str, int]) -> str:
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f" ({detail})" if detail else ""
+
+
 def _print_run_summary(
     args: argparse.Namespace,
     state: _RunState,
@@ -945,9 +1181,14 @@ def _print_run_summary(
         rows.append(("not run", f"{state.not_run} (interrupted)"))
     rows.append(("retried", f"{state.retried} inputs needed more than one attempt"))
     if stats is not None:
-        reasons = {k: v for k, v in stats.retired.items() if k != "shutdown" and v}
-        detail = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
-        rows.append(("workers recycled", f"{stats.recycled}" + (f" ({detail})" if detail else "")))
+        recycled = {k: v for k, v in stats.retired.items() if k in RECYCLING_REASONS and v}
+        rows.append(("workers recycled", f"{stats.recycled}" + _reasons(recycled)))
+        # Crashed or killed is not recycled. "terminated" is the run's own stop
+        # after Ctrl-C (it terminates jobs at no other time): no news.
+        ended = ("shutdown", "idle", "terminated")
+        lost = {k: v for k, v in stats.retired.items() if k not in RECYCLING_REASONS and k not in ended and v}
+        if lost:
+            rows.append(("workers lost", f"{sum(lost.values())}" + _reasons(lost)))
         rows.append(("workers started", str(stats.spawned)))
     rows.append(("wall time", format_duration(wall)))
     rows.append(("throughput", f"{tally.done / wall if wall > 0 else 0.0:.1f} jobs/s"))

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["JobStats", "PoolStats", "WorkerInfo"]
+__all__ = ["RECYCLING_REASONS", "JobStats", "PoolStats", "WorkerInfo"]
+
+RECYCLING_REASONS = ("tasks", "memory", "lifetime")
+"""The keys of ``PoolStats.retired`` that count as recycling: a policy replaced a
+healthy worker. Idle exits, crashes, kills (timeout, memory limit, terminate)
+and shutdown are not recycling."""
 
 @dataclass(frozen=True)
 class JobStats:
@@ -97,5 +102,6 @@ class PoolStats:
 
     @property
     def recycled(self) -> int:
-        """Workers retired for any reason but shutdown."""
-        return sum(n for reason, n in self.retired.items() if reason != "shutdown")
+        """Workers recycled by a policy (``max_tasks_per_child``, ``max_memory_per_child``,
+        ``max_lifetime_per_child``); a worker that crashed or was killed is in ``retired``, not here."""
+        return sum(self.retired.get(reason, 0) for reason in RECYCLING_REASONS)

@@ -538,3 +538,172 @@ def test_ctrl_c_while_reading_stdin(tmp_path: Path) -> None:
         assert record["status"] in ("ok", "not_run")
         if record["status"] == "ok":
             assert record["result"] == record["input"] ** 2
+
+
+# ----------------------------------------------------------------- the contract with what a job does (issue 16)
+
+
+@pytest.mark.parametrize(("job", "error"), [("exit_on", "SystemExit"), ("interrupt_on", "KeyboardInterrupt")])
+def test_a_job_that_exits_fails_only_its_input(tmp_path: Path, job: str, error: str) -> None:
+    inputs = write_inputs(tmp_path / "in.jsonl", list(range(6)))
+    done = run_cli(["run", f"contract_jobs:{job}", str(inputs), "-o", "out.jsonl", "-w", "2"], tmp_path)
+    assert done.returncode == 1, done.stderr
+    records = by_index(read_records(tmp_path / "out.jsonl"))
+    assert sorted(records) == list(range(6))
+    assert [records[i]["status"] for i in range(6)] == ["ok", "ok", "error", "ok", "ok", "ok"]
+    assert records[2]["error"]["type"] == error
+    assert f"failed:           1 ({error} 1)" in done.stderr
+
+
+def test_attempts_and_retried_count_real_runs(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    inputs = write_inputs(tmp_path / "in.jsonl", [[str(runs), n, 3] for n in range(6)])
+    done = run_cli(
+        ["run", "contract_jobs:count_then_die_on", str(inputs), "-o", "out.jsonl", "-w", "2", "--retries", "2"],
+        tmp_path,
+    )
+    assert done.returncode == 1, done.stderr
+    records = by_index(read_records(tmp_path / "out.jsonl"))
+    assert (runs / "3").read_text().count("run") == 3
+    assert (records[3]["status"], records[3]["attempts"]) == ("error", 3)
+    assert "input 3" in records[3]["error"]["message"]
+    assert all(records[i]["attempts"] == 1 for i in (0, 1, 2, 4, 5))
+    assert re.search(r"retried:\s+1 inputs needed more than one attempt", done.stderr), done.stderr
+
+
+def _wait_for_records(path: Path, count: int, proc: subprocess.Popen[Any]) -> None:
+    _wait_for_lines(path, count, proc, timeout=30)
+
+
+def test_each_result_is_written_while_stdin_is_still_open(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    proc = _start(["run", "cli_jobs:square", "-o", str(out), "-w", "2"], tmp_path, stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    try:
+        for n in range(1, 4):
+            proc.stdin.write(f"{n}\n".encode())
+            proc.stdin.flush()
+            # The line's result comes while the producer is still silent.
+            _wait_for_records(out, n, proc)
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert sorted(r["result"] for r in read_records(out)) == [1, 4, 9]
+
+
+def test_stdin_on_a_terminal_says_it_is_read(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        poolkit_cmd("run", "cli_jobs:square", "-o", str(out), "-w", "1", "-q"),
+        stdin=slave,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "stderr.txt").open("w"),
+        cwd=tmp_path,
+        env=_env(),
+    )
+    os.close(slave)
+    try:
+        wait_until = time.monotonic() + 30
+        while "reading inputs from stdin" not in (tmp_path / "stderr.txt").read_text():
+            assert time.monotonic() < wait_until and proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+            time.sleep(0.01)
+        os.write(master, b"7\n")
+        _wait_for_records(out, 1, proc)
+        os.write(master, b"\x04")  # Ctrl-D: the end of the input
+        assert proc.wait(timeout=30) == 0
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert read_records(out)[0]["result"] == 49
+
+
+def test_a_job_that_reads_stdin_takes_no_input_line(tmp_path: Path) -> None:
+    lines = "".join(f"{n}\n" for n in range(2000))
+    done = run_cli(["run", "contract_jobs:read_stdin", "-w", "2", "-q"], tmp_path, stdin=lines)
+    assert done.returncode == 0, done.stderr
+    records = by_index([json.loads(line) for line in done.stdout.splitlines()])
+    assert sorted(records) == list(range(2000))
+    assert {r["result"] for r in records.values()} == {""}
+
+
+def test_what_a_job_prints_goes_to_stderr(tmp_path: Path) -> None:
+    done = run_cli(["run", "contract_jobs:chatty", "-w", "2"], tmp_path, stdin="1\n2\n3\n")
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]  # every stdout line is a record
+    assert sorted(r["result"] for r in records) == [1, 2, 3]
+    assert "hello from input 2" in done.stderr
+
+
+def _strict(text: str) -> Any:
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_the_output_is_strict_json(tmp_path: Path) -> None:
+    done = run_cli(["run", "contract_jobs:not_finite", "-w", "1", "-q", "--ordered"], tmp_path, stdin="0\n1\n2\n3\n")
+    assert done.returncode == 0, done.stderr
+    records = [_strict(line) for line in done.stdout.splitlines()]
+    assert [r["result"] for r in records] == [None, None, None, [3, None]]
+
+
+def test_a_result_utf8_cannot_encode_is_that_inputs_error(tmp_path: Path) -> None:
+    done = run_cli(["run", "contract_jobs:lone_surrogate", "-w", "1", "-q", "--ordered"], tmp_path, stdin="0\n1\n2\n")
+    assert done.returncode == 1, done.stderr
+    records = [_strict(line) for line in done.stdout.splitlines()]
+    assert [r["status"] for r in records] == ["ok", "error", "ok"]
+    assert records[1]["error"]["type"] == "ResultNotJSON"
+    assert "surrogate" in records[1]["error"]["message"]
+
+
+def test_no_input_leaves_the_input_out_of_every_record(tmp_path: Path) -> None:
+    big = "x" * 1_000_000
+    inputs = write_inputs(tmp_path / "in.jsonl", [big, "ab", "not json"])
+    (tmp_path / "in.jsonl").write_text((tmp_path / "in.jsonl").read_text().replace('"not json"', "not json"))
+    done = run_cli(["run", "contract_jobs:big_input", str(inputs), "-o", "out.jsonl", "--no-input", "-w", "1"], tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert (tmp_path / "out.jsonl").stat().st_size < 10_000
+    records = by_index(read_records(tmp_path / "out.jsonl"))
+    assert [records[i]["line"] for i in range(3)] == [1, 2, 3]
+    assert all("input" not in r for r in records.values())
+    assert (records[0]["result"], records[1]["result"], records[2]["error"]["type"]) == (1_000_000, 2, "InvalidInput")
+
+
+def test_run_help_says_what_is_promised(tmp_path: Path) -> None:
+    done = run_cli(["run", "--help"], tmp_path)
+    text = " ".join(done.stdout.split())
+    for promise in (
+        "the current directory comes first on sys.path, for the whole run",
+        "Workers read stdin from /dev/null",
+        "what a job prints (stdout) goes to poolkit run's stderr",
+        "NaN or infinity in a result (or input) is written as null",
+        '"ResultNotJSON"',
+        "written and flushed as soon as its input finishes",
+        "--no-input",
+    ):
+        assert promise in text, promise
+
+
+def test_the_ctrl_c_summary_counts_no_recycled_workers(tmp_path: Path) -> None:
+    inputs = write_inputs(tmp_path / "in.jsonl", [0.0] + [300] * 5)
+    out = tmp_path / "out.jsonl"
+    proc = _start(["run", "cli_jobs:sleep_then_echo", str(inputs), "-o", str(out), "-w", "2"], tmp_path)
+    try:
+        _wait_for_lines(out, 1, proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert re.search(r"workers recycled: 0\n", stderr), stderr
+    assert "terminated" not in stderr
