@@ -41,6 +41,7 @@ from typing import Any, BinaryIO, NoReturn, TextIO, cast
 
 from . import __version__
 from .batch import PENDING, Outcome, run_batch
+from .options import POOL_OPTIONS
 from .pool import Pool
 from .progress import (
     MODES,
@@ -193,6 +194,36 @@ def _size(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"count": _positive_int, "size": _size, "seconds": _seconds}
+
+
+def _add_pool_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per pool option the command line offers, named after it (options.py)."""
+    for option in POOL_OPTIONS:
+        if option.cli is None:
+            continue
+        short = [alias for alias in option.aliases if not alias.startswith("--")]
+        long = [alias for alias in option.aliases if alias.startswith("--")]
+        if option.cli == "choice":
+            group.add_argument(
+                *short, option.flag, *long, dest=option.name, choices=option.choices, help=option.help
+            )
+        else:
+            group.add_argument(
+                *short, option.flag, *long, dest=option.name, type=_FLAG_TYPES[option.cli],
+                metavar=option.metavar, help=option.help,
+            )
+
+
+def _pool_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The pool options given on the command line (those left out keep the pool's defaults)."""
+    return {
+        option.name: getattr(args, option.name)
+        for option in POOL_OPTIONS
+        if option.cli is not None and getattr(args, option.name) is not None
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poolkit",
@@ -222,19 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='leave "input" out of the output records (index and line still name the input)',
     )
     pool_group = run.add_argument_group("the pool")
-    pool_group.add_argument("-w", "--workers", type=_positive_int, help="worker processes (default: CPUs available)")
-    pool_group.add_argument("--max-tasks-per-child", type=_positive_int, metavar="N", help="recycle a worker after N jobs")
-    pool_group.add_argument(
-        "--max-memory-per-child", type=_size, metavar="SIZE",
-        help="recycle a worker whose RSS after a job is above SIZE (bytes or e.g. 512MiB)",
-    )
-    pool_group.add_argument(
-        "--memory-limit", type=_size, metavar="SIZE",
-        help="kill a worker whose RSS goes above SIZE while a job runs (that input fails)",
-    )
-    pool_group.add_argument(
-        "--start-method", choices=("fork", "forkserver", "spawn"), help="how workers start (default: fork)"
-    )
+    _add_pool_flags(pool_group)
     pool_group.add_argument("--dask", metavar="ADDRESS", help="run on a Dask cluster (scheduler address)")
     jobs = run.add_argument_group("each input")
     jobs.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="stop an input running longer than this")
@@ -371,16 +390,10 @@ def resolve_function(spec: str) -> Callable[..., Any]:
 
 
 def _make_pool(args: argparse.Namespace) -> Any:
-    options: dict[str, Any] = {
-        "max_tasks_per_child": args.max_tasks_per_child,
-        "max_memory_per_child": args.max_memory_per_child,
-        "memory_limit_per_child": args.memory_limit,
-        "start_method": args.start_method,
-        "name": "poolkit-run",
-    }
+    options = _pool_options(args)
     if args.dask is None:
         try:
-            return Pool(args.workers, initializer=_detach_worker_streams, **options)
+            return Pool(**{"name": "poolkit-run", **options}, initializer=_detach_worker_streams)
         except (TypeError, ValueError) as exc:
             raise UsageError(str(exc)) from None
     try:
@@ -391,9 +404,8 @@ def _make_pool(args: argparse.Namespace) -> Any:
         raise UsageError(
             f"dask support needs the {exc.name!r} package: pip install 'poolkit[dask]'"
         ) from None
-    given = {k: v for k, v in options.items() if v is not None and k != "name"}
     try:
-        return dask_backend.DaskPool(args.dask, args.workers, **given)
+        return dask_backend.DaskPool(args.dask, **options)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:

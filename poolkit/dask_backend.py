@@ -477,6 +477,12 @@ class DaskPool(Executor):
         min_workers: the floor for ``idle_timeout``, per node.
         job_timeout: default per-job timeout in seconds.
         kill_grace: seconds between SIGTERM and SIGKILL when stopping a child.
+        exit_timeout: seconds a retiring child has to run its finalizer and
+            exit before it is killed.
+        start_timeout: seconds a new child has to become ready (its
+            initializer included) before it is killed; None for no limit.
+        stall_timeout: seconds each node pool's own thread may spend in a
+            callback before that pool counts as stuck; None: wait for ever.
         name: a name for logs and stats; default ``"dask"``.
         progress_interval: at most one progress message per job per this many
             seconds crosses the scheduler; the last value always arrives.
@@ -507,6 +513,9 @@ class DaskPool(Executor):
         min_workers: int | None = None,
         job_timeout: float | None = None,
         kill_grace: float = 1.0,
+        exit_timeout: float = 10.0,
+        start_timeout: float | None = 300.0,
+        stall_timeout: float | None = 60.0,
         name: str | None = None,
         progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
         connect_timeout: float = 30.0,
@@ -528,6 +537,9 @@ class DaskPool(Executor):
             min_workers=min_workers,
             job_timeout=job_timeout,
             kill_grace=kill_grace,
+            exit_timeout=exit_timeout,
+            start_timeout=start_timeout,
+            stall_timeout=stall_timeout,
             name=name or "dask",
         )
         # Bad options are the caller's mistake: say so here, not on every node.
