@@ -58,7 +58,7 @@ from .errors import JobTimeout, WorkerCrashed, describe_exit
 from .futures import JobFuture
 from .pool import Pool
 from .progress import EventLog, format_duration, make_console, print_summary, worker_table
-from .stats import PoolStats
+from .stats import RECYCLING_REASONS, PoolStats
 
 __all__ = ["DemoPlan", "run_demo"]
 
@@ -423,7 +423,7 @@ class _Screen:
         )
         counters = Text(
             f"spawned {stats.spawned} · crashed {stats.crashed} · timed out {stats.timed_out} · "
-            f"recycled {stats.recycled} ({', '.join(f'{k} {v}' for k, v in sorted(stats.retired.items()) if v and k != 'shutdown') or 'none yet'})",
+            f"recycled {recycled_detail(stats) or '0 (none yet)'}",
             style="dim",
         )
         return Group(header, self.progress, counters, worker_table(stats, self.progress_of), self.watcher.events.render())
@@ -528,6 +528,19 @@ def _watch(
                 )
 
 
+def recycled_detail(stats: PoolStats) -> str:
+    """``"3 (memory 2, tasks 1)"``: the workers a policy recycled, by reason; "" if none.
+
+    Crashes and timeouts are not recycling (the demo counts them on their own):
+    only the reasons of ``RECYCLING_REASONS``.
+    """
+    reasons = {k: v for k, v in stats.retired.items() if k in RECYCLING_REASONS and v}
+    if not reasons:
+        return ""
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f"{stats.recycled} ({detail})"
+
+
 def _summary(
     plan: DemoPlan, watcher: _Watcher, stats: PoolStats, wall: float, opened: int, closed: int
 ) -> tuple[list[tuple[str, str]], bool]:
@@ -537,8 +550,7 @@ def _summary(
     for kind, n in expected_ok.items():
         if watcher.ok_by_type[kind] != n:
             problems.append(f"{watcher.ok_by_type[kind]} of {n} {kind} jobs succeeded")
-    recycled = {k: v for k, v in stats.retired.items() if k != "shutdown" and v}
-    if not recycled.get("memory"):
+    if not stats.retired.get("memory"):
         problems.append("no worker was recycled for memory")
     ok_total = sum(watcher.ok_by_type.values())
     failed_total = sum(watcher.failed_by_reason.values())
@@ -558,12 +570,7 @@ def _summary(
             else "0",
         ),
         ("timeouts", f"{watcher.timeouts} (after {HANG_TIMEOUT:g} s; worker stopped and replaced)"),
-        (
-            "workers recycled",
-            f"{stats.recycled} ({', '.join(f'{k} {v}' for k, v in sorted(recycled.items(), key=lambda kv: -kv[1]))})"
-            if recycled
-            else "0",
-        ),
+        ("workers recycled", recycled_detail(stats) or "0"),
         ("workers started", f"{stats.spawned}; {len(watcher.pids)} worker pids seen"),
         (
             "sqlite connections",

@@ -144,15 +144,25 @@ class UnpicklableJobError(PoolkitError, pickle.PicklingError, TypeError):
     """Stands in for a job's exception that could not travel back to your process.
 
     An exception that will not pickle in the worker (it holds a lock, say), or
-    whose pickle will not load again (``__init__`` takes arguments that
-    ``args`` does not hold: ``TwoArgs(42, "disk full")``), would otherwise
+    whose pickle will not load again (its ``__init__`` takes arguments that
+    its ``args`` do not hold: ``TwoArgs(42, "disk full")``), would otherwise
     turn into a pickling error that hides what the job raised. This error
-    keeps it: the original's type name and message are in the message and in
-    ``type_name`` and ``original_message``, and the worker's traceback
-    is ``traceback`` (and ``__cause__``, as for any job's exception).
-    It is also a ``pickle.PicklingError`` and a ``TypeError``, the types the
-    standard library's executor raises in this case, so code written for it
-    still catches it.
+    keeps it. It is also a ``pickle.PicklingError`` and a ``TypeError``, the
+    types the standard library's executor raises in this case, so code
+    written for it still catches it. Like any job's exception, it has the
+    worker's traceback as ``__cause__``.
+
+    Args:
+        message: ``"<type>: <message> (the job's exception could not be pickled: ...)"``
+            (or ``unpickled``).
+        type_name: the original exception's type, with its module (``"mymod.TwoArgs"``).
+        original_message: ``str()`` of the original exception.
+        traceback: the worker's formatted traceback of the original exception.
+
+    Attributes:
+        type_name: as above.
+        original_message: as above.
+        traceback: as above.
     """
 
     def __init__(self, message: str, *, type_name: str, original_message: str, traceback: str) -> None:

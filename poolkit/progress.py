@@ -38,7 +38,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .stats import PoolStats
+from .stats import PoolStats, WorkerInfo
 
 __all__ = [
     "MODES",
@@ -53,6 +53,7 @@ __all__ = [
     "make_console",
     "make_run_display",
     "print_summary",
+    "shown_state",
     "worker_table",
 ]
 
@@ -376,6 +377,17 @@ class EventLog:
         return table
 
 
+def shown_state(worker: WorkerInfo) -> str:
+    """A worker's state as a person reads it: a ready worker that runs a job is "busy".
+
+    ``WorkerInfo.state`` is the life-cycle state ("ready": it started and takes
+    jobs), which says nothing of whether a job runs right now.
+    """
+    if worker.state == "ready" and worker.current_job is not None:
+        return "busy"
+    return worker.state
+
+
 def worker_table(stats: PoolStats, progress_of: Callable[[str], Any] | None = None) -> Table:
     """One row per worker from ``pool.stats()``: id, pid, state, jobs, RSS, CPU, age, current job."""
     table = Table(title="workers (pool.stats())", title_justify="left", expand=True)
@@ -399,7 +411,7 @@ def worker_table(stats: PoolStats, progress_of: Callable[[str], Any] | None = No
         table.add_row(
             str(worker.worker_id),
             str(worker.pid or "-"),
-            worker.state,
+            shown_state(worker),
             str(worker.jobs_done),
             f"{worker.rss / 2**20:.0f} MiB",
             f"{worker.cpu_time:.1f} s",

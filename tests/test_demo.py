@@ -18,8 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+from poolkit.demo import recycled_detail
+from poolkit.progress import worker_table
+from poolkit.stats import PoolStats, WorkerInfo
+
+pytestmark = [pytest.mark.timeout(180)]
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -35,6 +40,7 @@ def _summary(text: str) -> str:
     return text[text.index("poolkit demo summary") :]
 
 
+@pytest.mark.slow
 def test_demo_in_a_log_runs_and_exits_0(tmp_path: Path) -> None:
     start = time.monotonic()
     done = subprocess.run(
@@ -63,9 +69,14 @@ def test_demo_in_a_log_runs_and_exits_0(tmp_path: Path) -> None:
     assert "backups verified:   8/8" in summary
     assert "44/44 jobs saw their own POOLKIT_JOB_ID and POOLKIT_JOB_TYPE" in summary
     assert "verdict:            as expected" in summary
+    # the crashes and timeouts above are counted as such, not as recycling
+    recycled_row = next(line for line in summary.splitlines() if "workers recycled" in line)
+    assert "memory" in recycled_row, recycled_row
+    assert "crash" not in recycled_row and "timeout" not in recycled_row, recycled_row
     assert list(tmp_path.iterdir()) == [], "the demo left files behind"
 
 
+@pytest.mark.slow
 def test_demo_on_a_terminal_shows_the_live_dashboard(tmp_path: Path) -> None:
     master, slave = pty.openpty()
     proc = subprocess.Popen(
@@ -108,3 +119,27 @@ def test_demo_on_a_terminal_shows_the_live_dashboard(tmp_path: Path) -> None:
     summary = _summary(screen)
     assert "│" in summary, "the summary is not a table"
     assert "as expected" in summary
+
+
+# ----------------------------------------------------------------- what the demo's figures say
+
+
+def _stats(workers: tuple[WorkerInfo, ...] = (), retired: dict[str, int] | None = None) -> PoolStats:
+    return PoolStats(workers, 0, 0, 0, 0, 0, 0, 0, 0, 0, retired or {})
+
+
+def test_a_worker_running_a_job_is_shown_busy_not_ready() -> None:
+    busy = WorkerInfo(1, 101, "ready", 3, 2**20, 0.5, 2.0, "backup-02")
+    idle = WorkerInfo(2, 102, "ready", 3, 2**20, 0.5, 2.0, None)
+    console = Console(record=True, width=120)
+    console.print(worker_table(_stats((busy, idle))))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 3}
+    assert "busy" in rows["1"] and "ready" not in rows["1"], rows["1"]
+    assert "ready" in rows["2"], rows["2"]
+
+
+def test_crashes_and_timeouts_are_not_counted_as_recycled() -> None:
+    stats = _stats(retired={"crash": 2, "timeout": 1, "memory_limit": 1, "terminated": 2, "memory": 1, "tasks": 2, "shutdown": 4})
+    assert stats.recycled == 3
+    assert recycled_detail(stats) == "3 (tasks 2, memory 1)"
+    assert recycled_detail(_stats(retired={"crash": 1, "shutdown": 2})) == ""
