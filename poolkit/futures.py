@@ -170,7 +170,7 @@ def cancel_all(futures: Iterable[Future[Any]]) -> None:
     ahead to a worker (pipelined: its future counts as running, but no
     worker has started it, so ``cancel()`` refuses) is cancelled too, and
     the worker told to skip it; and that futures whose cancel must ask their
-    pool's nodes first ([`DaskPool`][poolkit.dask_backend.DaskPool]) are asked about
+    pool's nodes first ([`DaskPool`][poolkit.dask.DaskPool]) are asked about
     together, in one round trip per pool.
     """
     asks: dict[Callable[[list[Any]], None], list[Future[Any]]] = {}

@@ -34,7 +34,8 @@ from recycle_jobs import wait_until  # noqa: E402
 
 import poolkit  # noqa: E402
 from poolkit.batch import run_batch  # noqa: E402
-from poolkit.dask_backend import DaskJobFuture, DaskJobLost, DaskPool  # noqa: E402
+from poolkit.dask import DaskJobFuture, DaskJobLost, DaskPool  # noqa: E402
+from poolkit.dask.delivery import Delivery  # noqa: E402
 
 pytestmark = [pytest.mark.dask, pytest.mark.timeout(90)]
 
@@ -462,15 +463,15 @@ def test_cancel_says_no_to_a_job_already_running_on_a_node(
     """Until its "started" message arrives, a job that runs on a node looks pending
     to the caller: cancel() asks the nodes, says no, and the job ends as usual."""
     held = threading.Event()
-    take_event = DaskPool._take_event
+    take_event = Delivery._take_event
 
-    def hold_started_messages(self: DaskPool, msg: Any, terminate: Any) -> None:
+    def hold_started_messages(self: Delivery, msg: Any, terminate: Any) -> None:
         if msg[0] == "s":
             held.set()  # as if it were still on its way
             return
         take_event(self, msg, terminate)
 
-    monkeypatch.setattr(DaskPool, "_take_event", hold_started_messages)
+    monkeypatch.setattr(Delivery, "_take_event", hold_started_messages)
     gate, marker = tmp_path / "gate", tmp_path / "started"
     future = pool.submit(blocker, str(gate), str(marker))
     wait_for_file(str(marker))
@@ -487,7 +488,7 @@ def test_a_cancelled_job_that_reaches_a_node_anyway_never_runs(
 ) -> None:
     """cancel() is a promise from every node: even if Dask still hands the task to
     one (the Dask-level cancel is lost here), the job does not run."""
-    monkeypatch.setattr(DaskPool, "_take_cancel", lambda self, seq, cancel, terminate: None)
+    monkeypatch.setattr(Delivery, "_take_cancel", lambda self, seq, cancel, terminate: None)
     gate = tmp_path / "gate"
     markers = [tmp_path / "busy-1", tmp_path / "busy-2"]
     blockers = [pool.submit(blocker, str(gate), str(marker)) for marker in markers]
@@ -683,3 +684,14 @@ def test_a_killed_dask_worker_loses_no_job(pool: DaskPool) -> None:
     assert running.node != node
     # The poolkit child of the killed Dask worker did not outlive it.
     assert gone(child)
+
+
+def test_the_old_module_name_still_imports_the_same_objects() -> None:
+    import poolkit.dask
+    import poolkit.dask_backend
+
+    for name in poolkit.dask_backend.__all__:
+        assert getattr(poolkit.dask_backend, name) is getattr(poolkit.dask, name)
+    assert poolkit.dask.Envelope._fields == (
+        "ok", "value", "traceback", "stats", "worker_id", "pid", "node", "progress_count", "progress",
+    )
