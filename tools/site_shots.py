@@ -46,6 +46,7 @@ PAGES: dict[str, str] = {
 }
 TALLEST = 32_000  # px: the window is this tall, then the shot is cut below the page's end
 TILE = 1_600  # px: height of one tile
+SHOT_TIMEOUT = 120  # seconds for one shot (about 15 s for the API page on 2 idle cores)
 
 
 def find_chromium() -> str:
@@ -77,6 +78,17 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def shoot(chromium: str, url: str, out: Path, width: int, height: int = TALLEST) -> None:
+    """One whole-window shot; tried twice, since a loaded machine can stall Chromium once."""
+    for attempt in (1, 2):
+        try:
+            _shoot_once(chromium, url, out, width, height)
+            return
+        except subprocess.TimeoutExpired:
+            if attempt == 2:
+                sys.exit(f"Chromium took more than {SHOT_TIMEOUT} s for {url}, twice")
+
+
+def _shoot_once(chromium: str, url: str, out: Path, width: int, height: int) -> None:
     with tempfile.TemporaryDirectory(prefix="site-shots-profile-") as profile:
         subprocess.run(
             [
@@ -97,7 +109,7 @@ def shoot(chromium: str, url: str, out: Path, width: int, height: int = TALLEST)
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            timeout=180,
+            timeout=SHOT_TIMEOUT,
         )
 
 
