@@ -60,6 +60,7 @@ class JobFuture(Future[T], Generic[T]):
 
     @property
     def subject(self) -> str:
+        """How error messages and logs name this job (``"job 7"``, ``"input 3"``)."""
         return self._subject or f"job {self.job_id}"
 
     def __repr__(self) -> str:
@@ -67,6 +68,7 @@ class JobFuture(Future[T], Generic[T]):
 
     @property
     def stats(self) -> JobStats | None:
+        """What the job cost, measured in its worker; None until its worker answered (a job whose worker died, or that never ran, has none)."""
         raw = self._raw_stats
         return None if raw is None else JobStats(*raw)
 

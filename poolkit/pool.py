@@ -147,10 +147,12 @@ class Pool(Executor):
 
     @property
     def max_workers(self) -> int:
+        """How many workers the pool runs at most."""
         return self._config.max_workers
 
     @property
     def config(self) -> PoolConfig:
+        """The pool's options, checked and with defaults filled in (a frozen dataclass)."""
         return self._config
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture[T]:
