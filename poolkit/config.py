@@ -97,6 +97,7 @@ class WorkerConfig:
     # The pool's multiprocessing authkey, for workers that are not forks of its
     # process (manager proxies passed to jobs authenticate with it); None: inherited.
     authkey: bytes | None = None
+    shm_threshold: int | None = None  # results with pieces this large go through shared memory (shm.py)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class PoolConfig:
     name: str
     stall_timeout: float | None = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
+    shm_threshold: int | None = 1 << 20
 
     @classmethod
     def build(
@@ -152,6 +154,7 @@ class PoolConfig:
         exit_timeout: float = 10.0,
         start_timeout: float | None = 300.0,
         stall_timeout: float | None = 60.0,
+        shm_threshold: int | str | None = 1 << 20,
     ) -> PoolConfig:
         if max_workers is None:
             from loky import cpu_count
@@ -222,6 +225,7 @@ class PoolConfig:
             start_timeout=_positive_seconds(start_timeout, "start_timeout"),
             name=name or "pool",
             stall_timeout=_positive_seconds(stall_timeout, "stall_timeout"),
+            shm_threshold=_threshold(shm_threshold),
         )
 
     def worker_config(self, authkey: bytes | None = None) -> WorkerConfig:
@@ -234,7 +238,15 @@ class PoolConfig:
             pool_name=self.name,
             memory_limit_per_child=self.memory_limit_per_child,
             authkey=authkey,
+            shm_threshold=self.shm_threshold,
         )
+
+
+def _threshold(value: int | str | None) -> int | None:
+    """``shm_threshold``: a size, or 0/None for "never through shared memory"."""
+    if value is None or (value == 0 and not isinstance(value, bool)):
+        return None
+    return parse_bytes(value, "shm_threshold")
 
 
 def _start_method(mp_context: Any, start_method: str | None) -> str:

@@ -126,7 +126,7 @@ class Dispatcher:
                     busy += 1  # counted only now: a cancelled job dropped above takes no slot
                     worker.start_head(now)
                 worker.jobs_assigned += 1
-                worker.outbox.extend(job.frame())
+                worker.send_job(job)
                 touched[worker.worker_id] = worker
                 if worker.max_jobs is not None and worker.jobs_assigned == worker.max_jobs:
                     # Its last job: retire it now so the replacement forks while the job runs.

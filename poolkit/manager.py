@@ -42,7 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
-from . import watchdog, wire
+from . import shm, watchdog, wire
 from .config import PoolConfig
 from .dispatch import Dispatcher
 from .errors import (
@@ -332,7 +332,7 @@ class Manager:
             first = self._new_workers(self.config.min_workers, time.monotonic())
         self._link.start(
             first=[(w.worker_id, w.max_jobs or 0, end) for w, end in first],
-            inherited=_fds_of_live_managers(),
+            inherited=[*_fds_of_live_managers(), *shm.open_fds()],
         )
         for worker, end in first:
             end.close()
@@ -727,14 +727,16 @@ class Manager:
         try:
             direct = reader.wants_direct()
             if direct is not None:
-                n = worker.sock.recv_into(direct)
+                n, ancillary, _, _ = worker.sock.recvmsg_into([direct], shm.ANCILLARY, shm.RECV_FLAGS)
                 if n:
                     reader.filled_direct(n)
             else:
-                data = worker.sock.recv(1 << 22)
+                data, ancillary, _, _ = worker.sock.recvmsg(1 << 22, shm.ANCILLARY, shm.RECV_FLAGS)
                 n = len(data)
                 if n:
                     reader.feed(data)
+            if ancillary:
+                shm.take_fds(ancillary, worker.fds)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -773,7 +775,7 @@ class Manager:
         worker.eof = True
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
-        worker.outbox.clear()
+        worker.drop_outbox()
         if worker.ready_at is None:
             # Died while starting: wait for its exit status before replacing it,
             # so that a failing initializer is counted before another fork.
@@ -853,6 +855,8 @@ class Manager:
 
     def _on_result(self, worker: Worker, body: bytes | bytearray, now: float) -> None:
         seq, outcome, wall, cpu, peak, rss = wire.decode_result_head(body)
+        # Its region (if any) is claimed now, in frame order, even for a job given up on.
+        incoming = shm.claim(wire.result_payload(body), worker.fds) if worker.fds else None
         inflight = worker.inflight
         if not inflight or inflight[0].seq != seq:
             return  # a job we already gave up on (timed out, terminated)
@@ -884,7 +888,7 @@ class Manager:
             wall, cpu, peak, rss, worker.worker_id, worker.pid or 0, job.attempt, retire_reason
         )
         if not future.done():
-            self._resolve(future, outcome, wire.result_payload(body))
+            self._resolve(future, outcome, wire.result_payload(body), incoming)
         if self._debug:
             self.log.debug(
                 "job.done", job_id=future.job_id, worker_id=worker.worker_id, pid=worker.pid, wall=wall
@@ -895,14 +899,16 @@ class Manager:
             else:
                 self._send_retire(worker)
 
-    def _resolve(self, future: JobFuture[Any], outcome: int, payload: memoryview) -> None:
+    def _resolve(
+        self, future: JobFuture[Any], outcome: int, payload: memoryview, incoming: shm.Incoming | None
+    ) -> None:
         try:
             if outcome == wire.OUTCOME_VALUE:
-                value = loads(payload)
+                value = shm.loads(payload, incoming)
                 self.counters["done"] += 1
                 _settle(future, value, None)
                 return
-            exc, tb = loads(payload)
+            exc, tb = shm.loads(payload, incoming)
             attach_remote_traceback(exc, tb)
             if outcome == wire.OUTCOME_NOT_LOADED:
                 cause = exc
@@ -1028,11 +1034,15 @@ class Manager:
         sock = worker.sock
         while outbox:
             try:
-                sent = sock.sendmsg(list(itertools.islice(outbox, 0, 512)))
+                parts = list(itertools.islice(outbox, 0, 512))
+                if worker.attached:
+                    sent = shm.send_attached(sock, parts, worker.attached)
+                else:
+                    sent = sock.sendmsg(parts)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                outbox.clear()  # the worker is gone; its exit notice will follow
+                worker.drop_outbox()  # the worker is gone; its exit notice will follow
                 break
             while sent:
                 first = outbox[0]

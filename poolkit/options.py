@@ -71,6 +71,10 @@ POOL_OPTIONS: tuple[Option, ...] = (
     Option("start_timeout", 300.0, "seconds a new worker has to become ready"),
     Option("stall_timeout", 60.0, "seconds the pool's thread may spend in a callback before the pool counts as stuck"),
     Option("name", None, "a name for logs and stats"),
+    # Dask moves a job's data with its own transport; a node pool's jobs come from there.
+    Option("shm_threshold", 1 << 20,
+           "arguments and results with buffers of at least this many bytes go through shared memory",
+           dask=False),
 )
 
 _BY_NAME = {option.name: option for option in POOL_OPTIONS}

@@ -21,6 +21,7 @@ from concurrent.futures import Executor, Future
 from typing import Any, Protocol, TypeVar
 
 from . import batch as _batch
+from . import shm
 from .batch import Outcome
 from .config import PoolConfig
 from .errors import BrokenPool
@@ -80,6 +81,10 @@ class Pool(Executor):
             then fails with [`BrokenPool`][poolkit.BrokenPool], the workers are
             killed, and ``shutdown()`` returns. None: wait for ever.
         name: a name for logs and stats.
+        shm_threshold: arguments and results whose buffers or byte strings are
+            at least this large (bytes, or ``"1MiB"``) pass them through shared
+            memory instead of the worker's socket (see the "Large data" recipe);
+            0 or None: never.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class Pool(Executor):
         start_timeout: float | None = 300.0,
         stall_timeout: float | None = 60.0,
         name: str | None = None,
+        shm_threshold: int | str | None = 1 << 20,
     ) -> None:
         self._config = PoolConfig.build(
             max_workers=max_workers,
@@ -131,6 +137,7 @@ class Pool(Executor):
             start_timeout=start_timeout,
             stall_timeout=stall_timeout,
             name=name,
+            shm_threshold=shm_threshold,
         )
         for module in self._config.preload:
             __import__(module)  # the fork template inherits what the parent imported
@@ -238,7 +245,7 @@ class Pool(Executor):
         if subject is not None:
             future._subject = subject
         try:
-            payload = dumps((fn, args, kwargs), manager.main_refs)
+            payload, region = shm.dumps((fn, args, kwargs), self._config.shm_threshold, manager.main_refs)
         except Exception as exc:  # unpicklable function or argument: this future only
             future.set_running_or_notify_cancel()
             future.set_exception(exc)
@@ -246,7 +253,7 @@ class Pool(Executor):
         meta = b"" if job_id is None and job_type is None else dumps((future.job_id, job_type))
         if timeout is None:
             timeout = self._config.job_timeout
-        job = Job(seq, future, payload, meta, timeout, retries)
+        job = Job(seq, future, payload, meta, timeout, retries, region)
         # Under the shutdown lock: a job is either queued before the manager
         # hears of the shutdown (and runs), or refused here; never lost between.
         with self._shutdown_lock:

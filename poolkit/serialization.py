@@ -23,7 +23,7 @@ import cloudpickle
 
 from .errors import RemoteTraceback, UnpicklableJobError
 
-__all__ = ["PROTOCOL", "attach_remote_traceback", "dumps", "dumps_error", "format_exception", "loads"]
+__all__ = ["PROTOCOL", "attach_remote_traceback", "dumps", "dumps_error", "dumps_parts", "format_exception", "loads"]
 
 PROTOCOL = 5
 
@@ -176,12 +176,25 @@ class _JobPickler(pickle.Pickler):
                 return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
             if obj.__class__ is types.FunctionType:
                 _importable_functions.add(obj)
+        elif obj.__class__ is memoryview:
+            return _reduce_memoryview(obj)
         elif isinstance(obj, BaseException):
             # The exception's own reduction, never a process-wide copyreg entry:
             # some libraries (tblib, installed by dask distributed) register one
             # that loses attributes set by __init__, such as SystemExit.code.
             return obj.__reduce__()
         return NotImplemented
+
+
+def _reduce_memoryview(view: memoryview) -> Any:
+    """A memoryview travels as its bytes (out of band when large, see shm.py) and is rebuilt with its format and shape."""
+    data: Any = pickle.PickleBuffer(view) if view.contiguous else view.tobytes()
+    return _rebuild_memoryview, (data, view.format, view.shape)
+
+
+def _rebuild_memoryview(data: Any, format: str, shape: tuple[int, ...]) -> Any:
+    view: Any = memoryview(data).cast("B")
+    return view.cast(format, shape) if shape else view.cast(format)
 
 
 class _Collector:
@@ -210,13 +223,23 @@ class _Collector:
 class _Dumper:
     """A reusable pickler and its collector: building a Pickler costs more than a small dump."""
 
-    __slots__ = ("busy", "collector", "parts", "pickler")
+    __slots__ = ("buffers", "busy", "collector", "parts", "pickler", "threshold")
 
-    def __init__(self) -> None:
+    def __init__(self, out_of_band: bool = False) -> None:
         self.collector = _Collector()
         self.parts = self.collector.parts
-        self.pickler = _JobPickler(self.collector, protocol=PROTOCOL)
+        self.buffers: list[pickle.PickleBuffer] = []
+        self.threshold = 0
+        callback = self._take_buffer if out_of_band else None
+        self.pickler = _JobPickler(self.collector, protocol=PROTOCOL, buffer_callback=callback)
         self.busy = False
+
+    def _take_buffer(self, buffer: pickle.PickleBuffer) -> bool:
+        """pickle's buffer_callback: keep a large buffer out of band (False), a small one in the stream."""
+        if memoryview(buffer).nbytes < self.threshold:
+            return True
+        self.buffers.append(buffer)
+        return False
 
 
 _local = threading.local()
@@ -251,6 +274,35 @@ def dumps(obj: Any, main_refs: MainRefs | None = None) -> bytes:
         return parts[0] if len(parts) == 1 else b"".join(parts)
     finally:
         parts.clear()
+        pickler.clear_memo()
+        state.busy = False
+
+
+def dumps_parts(
+    obj: Any, main_refs: MainRefs | None, threshold: int
+) -> tuple[list[Any], list[pickle.PickleBuffer]]:
+    """Pickle ``obj`` as ``dumps`` does, but return the stream's pieces as the pickler wrote them, unjoined,
+    and the buffers of at least ``threshold`` bytes that pickle kept out of band (see shm.py).
+
+    The C pickler writes a large ``bytes`` (or ``bytearray``, or in-band
+    buffer) as a piece of its own, the object itself, so nothing is copied yet.
+    """
+    refs = process_main_refs if main_refs is None else main_refs
+    state: _Dumper | None = getattr(_local, "buffer_dumper", None)
+    if state is None:
+        state = _local.buffer_dumper = _Dumper(out_of_band=True)
+    if state.busy:  # re-entered: a dumper of its own
+        state = _Dumper(out_of_band=True)
+    state.busy = True
+    pickler = state.pickler
+    try:
+        state.threshold = threshold
+        pickler.main_refs = refs
+        pickler.dump(obj)
+        return list(state.parts), list(state.buffers)
+    finally:
+        state.parts.clear()
+        state.buffers.clear()
         pickler.clear_memo()
         state.busy = False
 

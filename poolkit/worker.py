@@ -29,7 +29,7 @@ import weakref
 from collections import deque
 from typing import Any, NoReturn
 
-from . import context, wire
+from . import context, shm, wire
 from .config import WorkerConfig
 from .isolation import Baseline
 from .limits import JobWatch, map_area
@@ -99,6 +99,7 @@ class _Channel:
         self.reader = wire.FrameReader()
         self._pending_progress: bytes | None = None
         self._lock = threading.Lock()
+        self.shm_threshold: int | None = None  # results with pieces this large go through shared memory
         self.seq = 0  # the job running now
         # Threads that outlived an earlier job (see Baseline.restore): their
         # progress belongs to no job running now, and is dropped.
@@ -109,14 +110,23 @@ class _Channel:
             self._flush_progress(block=True)
             self.sock.sendall(data)
 
-    def send_parts(self, head: bytes, body: bytes) -> None:
-        """Send head and body as one frame without joining them (a large result is not copied)."""
+    def send_parts(self, head: bytes, body: bytes, region: shm.Region | None = None) -> None:
+        """Send head and body as one frame without joining them (a large result is not copied).
+
+        A ``region`` goes with the frame's first byte, and is closed once sent.
+        """
         with self._lock:
             self._flush_progress(block=True)
-            if len(body) < 65536:
+            if region is not None:
+                try:
+                    sent = self.sock.sendmsg([head, body], shm.fds_message(region))
+                finally:
+                    region.close()
+            elif len(body) < 65536:
                 self.sock.sendall(head + body)
                 return
-            sent = self.sock.sendmsg([head, body])
+            else:
+                sent = self.sock.sendmsg([head, body])
             if sent < len(head):
                 self.sock.sendall(head[sent:])
                 sent = len(head)
@@ -161,6 +171,7 @@ def _run_job(
     worker_id: int,
     memory: _Memory,
     watch: JobWatch | None = None,
+    incoming: shm.Incoming | None = None,
 ) -> None:
     seq, attempt, timeout, meta, payload = wire.decode_job(body)
     channel.seq = seq
@@ -181,19 +192,20 @@ def _run_job(
         context.JobContext(job_id, job_type, worker_id, attempt, deadline),
         channel.report,
     )
+    region: shm.Region | None = None
     try:
         try:
-            fn, args, kwargs = loads(payload)
+            fn, args, kwargs = shm.loads(payload, incoming)
         except BaseException as exc:  # SystemExit from a hostile __reduce__ too
             outcome = wire.OUTCOME_NOT_LOADED
             data = dumps_error(exc)
         else:
-            del payload
+            del payload, incoming
             value = fn(*args, **kwargs)
             outcome = wire.OUTCOME_VALUE
             try:
-                data = dumps(value)
-            except BaseException as exc:  # the result itself will not pickle
+                data, region = shm.dumps(value, channel.shm_threshold)
+            except BaseException as exc:  # the result itself will not pickle (or fit in memory)
                 outcome = wire.OUTCOME_ERROR
                 data = dumps_error(exc)
             del value
@@ -213,7 +225,7 @@ def _run_job(
         memory.rss(),
         len(data),
     )
-    channel.send_parts(head, data)
+    channel.send_parts(head, data, region)
 
 
 def _finalize(config: WorkerConfig) -> None:
@@ -247,6 +259,7 @@ class _Inbox:
         self.sock = channel.sock
         self.reader = channel.reader
         self.frames: deque[tuple[int, bytes | bytearray]] = deque()
+        self.fds = shm.FdQueue()  # shared-memory regions received with frames (shm.py)
         self.cancelled: set[int] = set()
         self.closed = False
 
@@ -261,15 +274,18 @@ class _Inbox:
         while True:
             direct = self.reader.wants_direct()
             try:
+                flags = shm.RECV_FLAGS if block else shm.RECV_FLAGS | socket.MSG_DONTWAIT
                 if direct is not None:
-                    n = self.sock.recv_into(direct, 0, 0 if block else socket.MSG_DONTWAIT)
+                    n, ancillary, _, _ = self.sock.recvmsg_into([direct], shm.ANCILLARY, flags)
                     if n:
                         self.reader.filled_direct(n)
                 else:
-                    data = self.sock.recv(1 << 18, 0 if block else socket.MSG_DONTWAIT)
+                    data, ancillary, _, _ = self.sock.recvmsg(1 << 18, shm.ANCILLARY, flags)
                     n = len(data)
                     if n:
                         self.reader.feed(data)
+                if ancillary:
+                    shm.take_fds(ancillary, self.fds)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -332,6 +348,7 @@ def _serve(
 
         multiprocessing.current_process().authkey = config.authkey
     memory = _Memory()
+    channel.shm_threshold = config.shm_threshold
     # A fresh process's peak RSS is its own (a fork does not inherit the
     # parent's), so the first job needs no reset unless an initializer ran.
     fresh = config.initializer is None
@@ -360,14 +377,18 @@ def _serve(
         kind, body = item
         if kind == wire.Kind.JOB:
             (seq,) = wire.decode_job_seq(body)
+            # Its region (if any) is claimed now, in frame order, even for a job skipped.
+            incoming = shm.claim(wire.decode_job(body)[4], inbox.fds) if inbox.fds else None
             if seq in inbox.cancelled:
                 inbox.cancelled.discard(seq)
+                del incoming
                 _skip_job(channel, seq)
             else:
                 if not fresh:
                     memory.reset_peak()
                 fresh = False
-                _run_job(channel, body, worker_id, memory, watch)
+                _run_job(channel, body, worker_id, memory, watch, incoming)
+                del incoming
                 channel.leftover_threads = baseline.restore()
             jobs_done += 1
             if jobs_done == max_jobs:

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from . import wire
+from . import shm, wire
 from .config import PoolConfig
 from .futures import JobFuture
 
@@ -72,6 +72,7 @@ class Job:
         "future",
         "meta",
         "payload",
+        "region",
         "retries_left",
         "seq",
         "started_at",
@@ -86,8 +87,10 @@ class Job:
         meta: bytes,
         timeout: float | None,
         retries: int = 0,
+        region: shm.Region | None = None,
     ) -> None:
         self.seq = seq
+        self.region = region  # the payload's large pieces (shm.py), kept until the job ends
         self.future = future
         self.payload = payload
         self.meta = meta
@@ -105,10 +108,12 @@ class Worker:
     """One worker process, as the manager tracks it."""
 
     __slots__ = (
+        "attached",
         "born",
         "cpu",
         "eof",
         "exit_deadline",
+        "fds",
         "idle_since",
         "inflight",
         "jobs_assigned",
@@ -137,6 +142,9 @@ class Worker:
         self.ready_at: float | None = None  # when it reported READY; None while it starts
         self.reason: RetireReason | None = None  # why it leaves, once it does
         self.outbox: deque[bytes | memoryview] = deque()
+        # Frames in the outbox that carry a region: (their first part, the region).
+        self.attached: deque[tuple[bytes, shm.Region]] = deque()
+        self.fds = shm.FdQueue()  # regions received with results, not claimed yet
         self.wants_write = False
         self.eof = False  # its stream ended (nothing more will be read)
         self.inflight: deque[Job] = deque()
@@ -164,6 +172,18 @@ class Worker:
         """Killed or exited: it answers nothing more, whatever it held."""
         state = self.state
         return state is WorkerState.KILLING or state is WorkerState.EXITED
+
+    def send_job(self, job: Job) -> None:
+        """Queue ``job``'s frame for sending; its region, if any, goes with the frame's first byte."""
+        parts = job.frame()
+        if job.region is not None:
+            self.attached.append((parts[0], job.region))
+        self.outbox.extend(parts)
+
+    def drop_outbox(self) -> None:
+        """Forget what was not sent: the worker is gone."""
+        self.outbox.clear()
+        self.attached.clear()
 
     def start_head(self, now: float) -> None:
         """The oldest job it holds starts now (it runs its jobs in order): the one place that says so."""

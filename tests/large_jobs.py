@@ -1,0 +1,84 @@
+"""Job functions for tests/test_large_data.py (importable by reference from every start method).
+
+``in_region`` tells whether an object's memory is a shared-memory region
+that poolkit mapped (its mappings are named ``memfd:poolkit-data`` in
+``/proc/PID/maps``), so a test can see which way the data travelled.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+REGION_NAME = "memfd:poolkit-data"
+
+
+def address_of(obj: Any) -> int:
+    """The address of the first byte of a buffer-like object's memory."""
+    if isinstance(obj, np.ndarray):
+        return int(obj.__array_interface__["data"][0])
+    return int(np.frombuffer(memoryview(obj).cast("B"), dtype=np.uint8).__array_interface__["data"][0])
+
+
+def region_ranges(pid: int | str = "self") -> list[tuple[int, int]]:
+    """The address ranges of this process's poolkit shared-memory mappings."""
+    ranges = []
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            if REGION_NAME in line:
+                start, end = line.split()[0].split("-")
+                ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def in_region(obj: Any) -> bool:
+    address = address_of(obj)
+    return any(start <= address < end for start, end in region_ranges())
+
+
+def region_fds(pid: int | str = "self") -> list[str]:
+    """Descriptors of ``pid`` that point at a poolkit region."""
+    found = []
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            target = os.readlink(f"{base}/{name}")
+        except OSError:
+            continue
+        if "poolkit-data" in target:
+            found.append(f"{name} -> {target}")
+    return found
+
+
+def double(a: np.ndarray) -> np.ndarray:
+    return a * 2.0
+
+
+def describe(obj: Any) -> dict[str, Any]:
+    """What the worker received: its type, whether it lies in a mapped region, whether it is writable."""
+    info: dict[str, Any] = {"type": type(obj).__name__}
+    if isinstance(obj, np.ndarray) and obj.dtype != object:
+        info.update(in_region=in_region(obj), writeable=bool(obj.flags.writeable), sum=float(obj.sum()))
+    elif isinstance(obj, memoryview):
+        info.update(in_region=in_region(obj), writeable=not obj.readonly, format=obj.format)
+    return info
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def make_array(n: int, fill: float) -> np.ndarray:
+    return np.full(n, fill)
+
+
+def length(data: Any) -> int:
+    return len(data)
+
+
+def touch_and_sum(a: np.ndarray) -> float:
+    """Write one element of the argument (a private copy-on-write page) and sum it."""
+    a[0] = 1.0
+    return float(a.sum())

@@ -1,0 +1,218 @@
+"""Large arguments and results through shared memory (poolkit/shm.py).
+
+What a user sees: large buffers arrive intact, of the same type, writable
+where they were writable, readonly where they were readonly; numpy arrays
+and memoryviews on the receiving side are built over a mapped region
+instead of being copied (``large_jobs.in_region`` looks them up in
+``/proc/PID/maps``); small payloads and ``shm_threshold=None`` take the
+plain pickle path; nothing (descriptor, mapping) is left behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+np = pytest.importorskip("numpy")
+
+import large_jobs  # noqa: E402
+from conftest import python_env  # noqa: E402
+
+from poolkit import Pool, ProcessPoolExecutor, shm  # noqa: E402
+
+MiB = 1 << 20
+METHODS = ["fork", "forkserver", "spawn"]
+
+
+@pytest.fixture(params=METHODS)
+def pool(request: pytest.FixtureRequest, leak_check: object) -> Pool:
+    with Pool(2, start_method=request.param, shm_threshold=MiB) as pool:
+        yield pool
+
+
+def _roundtrip(obj: object, threshold: int = MiB) -> tuple[object, bool]:
+    payload, region = shm.dumps(obj, threshold)
+    if region is None:
+        return pickle.loads(payload), False
+    incoming = shm.Incoming(os.dup(region.fd))
+    region.close()
+    return shm.loads(payload, incoming), True
+
+
+# ----------------------------------------------------------------- correctness, every start method
+
+
+def test_large_array_argument_arrives_mapped_and_result_comes_back_mapped(pool: Pool) -> None:
+    a = np.random.default_rng(1).random(2 * MiB // 8)
+    info = pool.submit(large_jobs.describe, a).result(timeout=60)
+    assert info == {"type": "ndarray", "in_region": True, "writeable": True, "sum": pytest.approx(a.sum())}
+    out = pool.submit(large_jobs.double, a).result(timeout=60)
+    np.testing.assert_array_equal(out, a * 2.0)
+    assert large_jobs.in_region(out), "the result should be rebuilt over the mapped region, not copied"
+    assert out.flags.writeable
+    out[:] = 0.0  # a private copy-on-write mapping: the caller may write its result
+    assert pool.submit(large_jobs.double, a).result(timeout=60)[5] == a[5] * 2.0
+
+
+def test_many_shapes_and_types_round_trip(pool: Pool) -> None:
+    rng = np.random.default_rng(2)
+    c = rng.random((512, 512))  # 2 MiB, C order
+    cases = [
+        c,
+        np.asfortranarray(c),
+        c[:, ::2],  # not contiguous: numpy pickles it as bytes (a hole)
+        c.astype(np.float32),
+        np.arange(MiB, dtype=np.int64).reshape(1024, -1),
+    ]
+    for array in cases:
+        out = pool.submit(large_jobs.identity, array).result(timeout=60)
+        np.testing.assert_array_equal(out, array)
+        assert out.dtype == array.dtype and out.shape == array.shape
+    small = np.arange(10.0)
+    out = pool.submit(large_jobs.identity, small).result(timeout=60)
+    np.testing.assert_array_equal(out, small)
+    assert not large_jobs.in_region(out)
+
+
+def test_object_arrays_fall_back_in_band(pool: Pool) -> None:
+    objects = np.array([{"k": i} for i in range(200_000)], dtype=object)
+    out = pool.submit(large_jobs.identity, objects).result(timeout=60)
+    assert out.dtype == object and out[123_456] == {"k": 123_456}
+
+
+def test_readonly_input_stays_readonly_in_the_worker_and_results_are_writable(pool: Pool) -> None:
+    a = np.ones(2 * MiB // 8)
+    a.flags.writeable = False
+    info = pool.submit(large_jobs.describe, a).result(timeout=60)
+    assert info["in_region"] is True and info["writeable"] is False
+    out = pool.submit(large_jobs.identity, a).result(timeout=60)
+    assert not out.flags.writeable  # it was readonly when the worker pickled it
+    doubled = pool.submit(large_jobs.double, a).result(timeout=60)
+    assert doubled.flags.writeable
+
+
+def test_bytes_bytearray_memoryview_picklebuffer(pool: Pool) -> None:
+    data = os.urandom(3 * MiB)
+    assert pool.submit(large_jobs.identity, data).result(timeout=60) == data
+    assert pool.submit(large_jobs.length, data).result(timeout=60) == len(data)
+    back = pool.submit(large_jobs.identity, bytearray(data)).result(timeout=60)
+    assert type(back) is bytearray and back == data
+    nested = pool.submit(large_jobs.identity, {"a": [data, 1], "b": (bytearray(data),)}).result(timeout=60)
+    assert nested["a"][0] == data and nested["b"][0] == data
+
+    view = memoryview(np.arange(MiB, dtype=np.float64))  # 8 MiB, format "d"
+    info = pool.submit(large_jobs.describe, view).result(timeout=60)
+    assert info == {"type": "memoryview", "in_region": True, "writeable": True, "format": "d"}
+    out = pool.submit(large_jobs.identity, view).result(timeout=60)
+    assert type(out) is memoryview and out.format == "d" and out.shape == view.shape
+    assert out[12345] == 12345.0 and not out.readonly
+    assert large_jobs.in_region(out)
+    readonly = pool.submit(large_jobs.identity, memoryview(data)).result(timeout=60)
+    assert readonly.readonly and bytes(readonly) == data
+
+    buffer = pool.submit(large_jobs.identity, pickle.PickleBuffer(bytearray(data))).result(timeout=60)
+    assert bytes(buffer) == data
+
+
+_PANDAS_SCRIPT = """
+import numpy as np, pandas as pd, large_jobs
+from poolkit import Pool
+frame = pd.DataFrame({"x": np.arange(1 << 20, dtype=np.float64), "y": np.ones(1 << 20)})
+with Pool(2, start_method=METHOD) as pool:
+    out = pool.submit(large_jobs.identity, frame).result(timeout=60)
+pd.testing.assert_frame_equal(out, frame)
+print("same frame")
+"""
+
+
+@pytest.mark.parametrize("start_method", METHODS)
+def test_pandas_frame_rides_on_its_numpy_blocks(start_method: str) -> None:
+    # In a child interpreter: importing pandas into the test process would
+    # change what every later test's forked workers inherit.
+    if importlib.util.find_spec("pandas") is None:
+        pytest.skip("pandas is not installed")
+    script = f"METHOD = {start_method!r}\n" + _PANDAS_SCRIPT
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=python_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "same frame"
+
+
+def test_executor_map_over_large_arrays(leak_check: object) -> None:
+    arrays = [np.full(MiB // 4, float(i)) for i in range(6)]  # 2 MiB each
+    with ProcessPoolExecutor(2) as executor:
+        out = list(executor.map(large_jobs.double, arrays))
+    for i, array in enumerate(out):
+        assert array.shape == (MiB // 4,) and array[0] == 2.0 * i
+
+
+# ----------------------------------------------------------------- the option and the fallback
+
+
+def test_threshold_none_sends_everything_through_the_socket(leak_check: object) -> None:
+    a = np.ones(2 * MiB // 8)
+    with Pool(1, shm_threshold=None) as pool:
+        info = pool.submit(large_jobs.describe, a).result(timeout=60)
+        out = pool.submit(large_jobs.double, a).result(timeout=60)
+    assert info["in_region"] is False
+    assert not large_jobs.in_region(out)
+    np.testing.assert_array_equal(out, a * 2.0)
+
+
+def test_a_smaller_threshold_moves_smaller_buffers(leak_check: object) -> None:
+    a = np.ones(64 * 1024 // 8)  # 64 KiB: under the default, over this pool's threshold
+    with Pool(1, shm_threshold="32KiB") as pool:
+        assert pool.submit(large_jobs.describe, a).result(timeout=60)["in_region"] is True
+    with Pool(1) as pool:
+        assert pool.submit(large_jobs.describe, a).result(timeout=60)["in_region"] is False
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(-1, ValueError), ("lots", ValueError), (True, TypeError), (1.5, TypeError), ([1], TypeError)],
+)
+def test_bad_threshold_is_refused_where_the_pool_is_built(value: object, error: type) -> None:
+    with pytest.raises(error, match="shm_threshold"):
+        Pool(1, shm_threshold=value)  # type: ignore[arg-type]
+
+
+def test_zero_threshold_turns_it_off() -> None:
+    assert Pool.__init__ is not None
+    from poolkit.config import _threshold
+
+    assert _threshold(0) is None and _threshold(None) is None and _threshold("2MiB") == 2 * MiB
+
+
+# ----------------------------------------------------------------- the transport itself
+
+
+def test_small_payloads_stay_plain_pickles() -> None:
+    payload, region = shm.dumps((abs, (np.arange(100.0), b"x" * 1000), {}), MiB)
+    assert region is None and payload[0] == 0x80  # a pickle, as without shared memory
+
+
+def test_large_bytes_leave_the_stream_and_come_back_with_one_read() -> None:
+    data = os.urandom(4 * MiB)
+    payload, region = shm.dumps([data, b"small", data], MiB)
+    assert region is not None and len(payload) < 64 * 1024
+    region.close()
+    back, used = _roundtrip([data, bytearray(data), {"x": data}])
+    assert used and back == [data, bytearray(data), {"x": data}]
+    assert type(back[1]) is bytearray
+
+
+def test_received_mapping_is_private_and_unmapped_when_the_object_dies() -> None:
+    a = np.arange(MiB, dtype=np.float64)
+    out, used = _roundtrip(a)
+    assert used and large_jobs.in_region(out)
+    out[0] = -1.0
+    assert a[0] == 0.0
+    assert large_jobs.region_fds() == []  # the mapping holds no descriptor
+    del out
+    assert large_jobs.region_ranges() == []
