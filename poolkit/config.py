@@ -11,7 +11,7 @@ import importlib.util
 import multiprocessing
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["START_METHODS", "PoolConfig", "WorkerConfig", "parse_bytes"]
@@ -125,7 +125,6 @@ class PoolConfig:
     start_timeout: float | None
     name: str
     stall_timeout: float | None = 60.0
-    extra: dict[str, Any] = field(default_factory=dict)
     shm_threshold: int | None = 1 << 20
 
     @classmethod

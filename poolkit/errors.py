@@ -112,9 +112,53 @@ def _rebuild_crash(
 class MemoryLimitExceeded(WorkerCrashed):
     """The worker went over ``memory_limit_per_child`` while running this job and was killed.
 
-    Attributes (besides [`WorkerCrashed`][poolkit.WorkerCrashed]'s): ``rss`` (bytes seen) and
-    ``limit`` (bytes allowed) are in the message.
+    Args:
+        message: what happened, in words (``str(error)``).
+
+    Attributes:
+        rss: the worker's resident memory when it was seen over the limit, in bytes.
+        limit: ``memory_limit_per_child``, in bytes.
+        exitcode: as for [`WorkerCrashed`][poolkit.WorkerCrashed] (``-SIGKILL``).
+        signal_name: as for [`WorkerCrashed`][poolkit.WorkerCrashed] (``"SIGKILL"``).
+        pid: the worker's process id.
+        worker_id: poolkit's id for the worker.
+        job_id: the id of the job that was running.
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rss: int | None = None,
+        limit: int | None = None,
+        exitcode: int | None = None,
+        pid: int | None = None,
+        worker_id: int | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        super().__init__(message, exitcode=exitcode, pid=pid, worker_id=worker_id, job_id=job_id)
+        self.rss = rss
+        self.limit = limit
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (
+            _rebuild_memory_limit,
+            (str(self), self.rss, self.limit, self.exitcode, self.pid, self.worker_id, self.job_id),
+        )
+
+
+def _rebuild_memory_limit(
+    message: str,
+    rss: int | None,
+    limit: int | None,
+    exitcode: int | None,
+    pid: int | None,
+    worker_id: int | None,
+    job_id: str | None,
+) -> MemoryLimitExceeded:
+    return MemoryLimitExceeded(
+        message, rss=rss, limit=limit, exitcode=exitcode, pid=pid, worker_id=worker_id, job_id=job_id
+    )
 
 
 class JobTimeout(PoolkitError, TimeoutError):

@@ -103,11 +103,6 @@ class EventLog:
     def debug(self, event: str, **fields: Any) -> None:
         self._emit(logging.DEBUG, "debug", event, fields)
 
-    @property
-    def bound(self) -> Any:
-        """poolkit's own structlog logger (used when the application has not configured structlog)."""
-        return self._own_logger()
-
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:

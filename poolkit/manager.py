@@ -989,6 +989,8 @@ class Manager:
                 f"{job.future.subject} used too much memory: worker {worker.worker_id} "
                 f"(pid {worker.pid}) reached {rss / 2**20:.0f} MiB, over the "
                 f"memory_limit_per_child of {limit / 2**20:.0f} MiB, and was killed",  # type: ignore[operator]
+                rss=rss,
+                limit=limit,
                 exitcode=-signal.SIGKILL,
                 pid=worker.pid,
                 worker_id=worker.worker_id,

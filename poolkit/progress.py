@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -42,8 +42,8 @@ from .stats import PoolStats, WorkerInfo
 
 __all__ = [
     "MODES",
-    "EventLog",
     "PlainRunDisplay",
+    "RecentEvents",
     "RichRunDisplay",
     "RunDisplay",
     "RunTally",
@@ -353,7 +353,7 @@ def print_summary(
 # ----------------------------------------------------------------- the demo's dashboard
 
 
-class EventLog:
+class RecentEvents:
     """The last few things that happened (crash, timeout, recycle), with the time since the start."""
 
     def __init__(self, started: float, keep: int = 8) -> None:
@@ -419,8 +419,3 @@ def worker_table(stats: PoolStats, progress_of: Callable[[str], Any] | None = No
             running,
         )
     return table
-
-
-def dashboard(parts: Sequence[RenderableType]) -> Group:
-    """Stack the demo's live parts (progress, workers, events) into one renderable."""
-    return Group(*parts)

@@ -6,6 +6,7 @@ to show the pool goes on, and checks the counters in ``pool.stats()``.
 
 from __future__ import annotations
 
+import pickle
 import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -38,6 +39,10 @@ def test_memory_limit_kills_the_job_and_the_pool_goes_on(
         assert error.job_id == future.job_id
         assert error.pid is not None and error.worker_id is not None
         assert error.signal_name == "SIGKILL"
+        assert error.limit == 200 * 2**20
+        assert error.rss is not None and error.rss > error.limit
+        copy = pickle.loads(pickle.dumps(error))
+        assert (copy.rss, copy.limit, copy.pid, copy.job_id) == (error.rss, error.limit, error.pid, error.job_id)
         wait_until(lambda: not pid_alive(error.pid), timeout=10, what="the killed worker to go")
 
         x, pid = pool.submit(jobs.pid_of, "next").result(timeout=30)
