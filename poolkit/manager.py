@@ -7,8 +7,9 @@ gunicorn's arbiter::
     wake-up pipe), with a timeout set by the next timer
     -> read what arrived (results, progress, spawned/exited notices)
     -> take what other threads asked for (jobs, terminate, stats, shutdown)
-    -> fire timers: kill jobs past their timeout, sample memory, retire old
-       and idle workers, SIGKILL workers that ignored SIGTERM
+    -> fire timers: retire old and idle workers, SIGKILL workers that ignored
+       SIGTERM or outstayed their exit_timeout (job deadlines and the memory
+       limit are the template's: limits.py)
     -> manage workers: spawn up to the target
     -> dispatch pending jobs to ready workers, then write
 
@@ -17,11 +18,17 @@ Other threads never touch this state: they append a command to ``_inbox``
 pipe. The pipe is non-blocking and a full pipe is ignored, since a full pipe
 already means the manager will wake.
 
-Jobs are pipelined: a worker may hold a few jobs beyond the one it runs (the
-window adapts to the measured job duration: deep for tiny jobs, one for long
-ones). Workers run jobs in order and answer each, so the oldest unanswered
-job of a dead worker is the one that was running; the others had not started
-and are re-queued, never failed.
+The state itself lives in plain objects this thread owns, each in its own
+module: the workers and their life cycle (``worker_table.py``), the queue and
+who gets which job (``dispatch.py``), the timers (``timers.py``) and the
+template process (``template_link.py``); messages are encoded and decoded by
+``wire.py``. This module holds the API, the loop, the sockets to the workers,
+the futures' outcomes, shutting down and breaking.
+
+Jobs are pipelined: a worker may hold a few jobs beyond the one it runs.
+Workers run jobs in order and answer each, so the oldest unanswered job of a
+dead worker is the one that was running; the others had not started and are
+re-queued, never failed.
 """
 
 from __future__ import annotations

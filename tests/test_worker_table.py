@@ -142,3 +142,19 @@ def test_every_reason_is_a_key_of_stats_retired() -> None:
         "tasks", "memory", "lifetime", "idle", "timeout", "memory_limit", "terminated", "crash",
         "start_timeout", "shutdown",
     ]
+
+
+def test_the_life_cycle_diagram_in_the_docs_is_the_enum() -> None:
+    """docs/concepts.md draws WorkerState's values as boxes and WorkerTable's methods as arrows."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "concepts.md").read_text(encoding="utf-8")
+    section = page[page.index("## The life of a worker") :]
+    diagram = section[section.index("```mermaid") : section.index("```", section.index("```mermaid") + 3)]
+    edges = re.findall(r"^\s*(\[\*\]|\w+) --> (\[\*\]|\w+): (\w+)\(\)", diagram, re.MULTILINE)
+    assert edges, "no arrow found"
+    states = {name for a, b, _ in edges for name in (a, b) if name != "[*]"}
+    assert states == {state.value for state in WorkerState}
+    for _, _, method in edges:
+        assert callable(getattr(WorkerTable, method, None)), f"WorkerTable has no {method}()"
