@@ -17,8 +17,9 @@ the slots when the next thing is due, and then:
 
 * at a job's deadline: SIGTERM to the worker's process group, SIGKILL
   ``kill_grace`` seconds later if it is still there;
-* every ``memory_check_interval`` while a watched job runs: the worker's RSS
-  from ``/proc``, and SIGKILL when it is above the limit.
+* every ``memory_check_interval`` while a watched job runs: the worker's
+  memory from ``/proc`` (``counted_memory``: shared pages it only maps do
+  not count), and SIGKILL when it is above the limit.
 
 Each action is reported to the pool (a LIMIT frame, before the worker's
 EXITED), which fails the job with ``JobTimeout`` or ``MemoryLimitExceeded``
@@ -35,7 +36,7 @@ from collections.abc import Callable
 
 from . import wire
 
-__all__ = ["SLOTS", "Enforcer", "JobWatch", "LimitArea"]
+__all__ = ["SLOTS", "Enforcer", "JobWatch", "LimitArea", "counted_memory"]
 
 # seq of the running watched job (0: none), its deadline (time.monotonic(); 0.0: none)
 SLOT = struct.Struct("<Qd")
@@ -172,9 +173,25 @@ class Enforcer:
         self.report(wire.encode_limit(worker_id, pid, seq, reason, rss))
 
 
+def counted_memory(statm: bytes) -> int:
+    """The memory the limits count, from ``/proc/PID/statm``: resident pages that are not shared file or shmem pages.
+
+    That is the process's anonymous resident memory (``RssAnon``): its heap,
+    what a job allocates and writes, and the pages it writes in a private
+    mapping of a shared-memory argument (each becomes a private copy). Pages
+    it only maps and reads, such as a large argument in shared memory, and
+    the file pages of code and libraries, are left out: they are not the
+    worker's to free, and every process that maps them shares one copy.
+    The same file as RSS, so a sample costs what reading RSS costs
+    (``smaps_rollup`` would walk every mapping).
+    """
+    fields = statm.split()
+    return (int(fields[1]) - int(fields[2])) * _PAGE
+
+
 def _rss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * _PAGE
+            return counted_memory(statm.read())
     except (OSError, ValueError, IndexError):
         return 0

@@ -58,12 +58,15 @@ class Pool(Executor):
         max_tasks_per_child: retire a worker after this many jobs (any start method).
         recycle_jitter: 0..1; retire up to this fraction earlier, at random, so
             that workers started together do not all retire together.
-        max_memory_per_child: retire a worker whose RSS after a job is above
-            this (bytes, or ``"512MiB"``).
-        memory_limit_per_child: kill a worker whose RSS goes above this *while*
+        max_memory_per_child: retire a worker whose memory after a job is above
+            this (bytes, or ``"512MiB"``). Memory here and below is the resident
+            memory that is the worker's own (``RssAnon``): pages it only maps
+            from shared memory (large arguments) do not count, pages a job
+            writes do.
+        memory_limit_per_child: kill a worker whose memory goes above this *while*
             a job runs; that job fails with [`MemoryLimitExceeded`][poolkit.MemoryLimitExceeded].
         memory_check_interval: seconds between two samples of a busy worker's
-            RSS for ``memory_limit_per_child``.
+            memory for ``memory_limit_per_child``.
         max_lifetime_per_child: retire a worker after this many seconds.
         idle_timeout: a worker idle this long exits (down to ``min_workers``).
         min_workers: the floor for ``idle_timeout``; default ``max_workers``.

@@ -23,7 +23,9 @@ class JobStats:
         wall_time: seconds from the job's start to its end, in the worker.
         cpu_time: CPU seconds the worker process used during the job.
         peak_rss: the worker's peak resident memory during the job, in bytes.
-        rss_after: the worker's resident memory right after the job, in bytes.
+        rss_after: the worker's own resident memory right after the job, in
+            bytes: what the memory limits count (``RssAnon``, so shared-memory
+            pages it only maps are left out).
         worker_id: poolkit's id for the worker that ran it.
         pid: that worker's process id.
         attempt: 1 for the first run, more when retried.

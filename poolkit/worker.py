@@ -32,12 +32,10 @@ from typing import Any, NoReturn
 from . import context, shm, wire
 from .config import WorkerConfig
 from .isolation import Baseline
-from .limits import JobWatch, map_area
+from .limits import JobWatch, counted_memory, map_area
 from .serialization import dumps, dumps_error, format_exception, loads
 
 __all__ = ["load_config", "main", "rehearse", "serve", "worker_socket"]
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 _NOT_OPENED = -1  # a /proc file not tried yet; None: tried, and it would not open
@@ -51,7 +49,10 @@ def _open_proc(path: str, flags: int) -> int | None:
 
 
 class _Memory:
-    """Reads this process's RSS and resets its peak; each /proc file is opened on first use and kept open."""
+    """Reads the memory this process's limits count (limits.counted_memory) and resets its peak RSS.
+
+    Each /proc file is opened on first use and kept open.
+    """
 
     def __init__(self) -> None:
         self._statm: int | None = _NOT_OPENED
@@ -71,7 +72,7 @@ class _Memory:
             self._statm = _open_proc("/proc/self/statm", os.O_RDONLY)
         if self._statm is not None:
             try:
-                return int(os.pread(self._statm, 128, 0).split()[1]) * _PAGE
+                return counted_memory(os.pread(self._statm, 128, 0))
             except (OSError, ValueError, IndexError):
                 pass
         return 0

@@ -82,3 +82,38 @@ def touch_and_sum(a: np.ndarray) -> float:
     """Write one element of the argument (a private copy-on-write page) and sum it."""
     a[0] = 1.0
     return float(a.sum())
+
+
+def counted_memory() -> int:
+    """What the pool's memory limits count for this process: resident pages minus shared ones (RssAnon)."""
+    with open("/proc/self/statm", "rb") as statm:
+        fields = statm.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+_KEPT: list[Any] = []
+
+
+def read_all(a: np.ndarray, hold: float = 0.0, keep: bool = False) -> float:
+    """Touch every page of the argument by reading it; ``hold``: keep it mapped a while (the work);
+    ``keep``: keep it mapped after the job too."""
+    total = float(a.sum())
+    if keep:
+        _KEPT.append(a)
+    if hold:
+        import time
+
+        time.sleep(hold)
+    return total
+
+
+def write_all(a: np.ndarray, hold: float = 0.0, keep: bool = False) -> float:
+    """Write every page of the argument: each becomes a private copy the worker owns."""
+    a[:] = 3.0
+    if keep:
+        _KEPT.append(a)
+    if hold:
+        import time
+
+        time.sleep(hold)
+    return float(a[-1])

@@ -23,7 +23,7 @@ np = pytest.importorskip("numpy")
 import large_jobs  # noqa: E402
 from conftest import python_env  # noqa: E402
 
-from poolkit import Pool, ProcessPoolExecutor, shm  # noqa: E402
+from poolkit import MemoryLimitExceeded, Pool, ProcessPoolExecutor, shm  # noqa: E402
 
 MiB = 1 << 20
 METHODS = ["fork", "forkserver", "spawn"]
@@ -216,3 +216,43 @@ def test_received_mapping_is_private_and_unmapped_when_the_object_dies() -> None
     assert large_jobs.region_fds() == []  # the mapping holds no descriptor
     del out
     assert large_jobs.region_ranges() == []
+
+
+# ----------------------------------------------------------------- memory accounting
+
+
+def _baseline(start_method: str) -> int:
+    """What a fresh worker of such a pool counts before any large job (its own heap and inherited pages)."""
+    with Pool(1, start_method=start_method) as pool:
+        return int(pool.submit(large_jobs.counted_memory).result(timeout=60))
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_shared_pages_a_job_only_reads_do_not_retire_its_worker(start_method: str, leak_check: object) -> None:
+    limit = _baseline(start_method) + 100 * MiB
+    with Pool(1, start_method=start_method, max_memory_per_child=limit) as pool:
+        # Made after the pool: a fork template would otherwise inherit it (as anonymous pages).
+        a = np.ones(200 * MiB // 8)
+        # Each job keeps the array it got, as a leak would.
+        read = pool.submit(large_jobs.read_all, a, 0.0, True)
+        assert read.result(timeout=120) == a.size
+        assert read.stats.worker_retired is None, "pages it only mapped must not count"
+        assert read.stats.rss_after < limit
+        written = pool.submit(large_jobs.write_all, a, 0.0, True)
+        assert written.result(timeout=120) == 3.0
+        assert written.pid == read.pid
+        assert written.stats.worker_retired == "memory", "pages it wrote are its own and count"
+        after = pool.submit(large_jobs.counted_memory)
+        assert after.result(timeout=60) < limit and after.pid != read.pid
+    assert a[0] == 1.0  # the worker wrote its private copy, not the caller's array
+
+
+def test_memory_limit_counts_what_a_job_writes_not_what_it_maps(leak_check: object) -> None:
+    limit = _baseline("fork") + 100 * MiB
+    with Pool(1, memory_limit_per_child=limit) as pool:
+        a = np.ones(200 * MiB // 8)  # after the pool, as above
+        # Mapped for a second while the template samples every 10 ms: not killed.
+        assert pool.submit(large_jobs.read_all, a, 1.0).result(timeout=120) == a.size
+        with pytest.raises(MemoryLimitExceeded):
+            pool.submit(large_jobs.write_all, a, 30.0).result(timeout=120)
+        assert pool.submit(large_jobs.read_all, a).result(timeout=120) == a.size  # the pool goes on

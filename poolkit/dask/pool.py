@@ -81,12 +81,12 @@ class DaskPool(Executor):
         finalargs: arguments for ``finalizer``.
         max_tasks_per_child: retire a child after this many jobs.
         recycle_jitter: 0..1; retire up to this fraction earlier, at random.
-        max_memory_per_child: retire a child whose RSS after a job is above
+        max_memory_per_child: retire a child whose memory (as for Pool) after a job is above
             this (bytes, or ``"512MiB"``).
-        memory_limit_per_child: kill a child whose RSS goes above this while a
+        memory_limit_per_child: kill a child whose memory goes above this while a
             job runs; that job fails with
             [`MemoryLimitExceeded`][poolkit.MemoryLimitExceeded].
-        memory_check_interval: seconds between two samples of a busy child's RSS.
+        memory_check_interval: seconds between two samples of a busy child's memory.
         max_lifetime_per_child: retire a child after this many seconds.
         idle_timeout: a child idle this long exits (down to ``min_workers``).
         min_workers: the floor for ``idle_timeout``, per node.
