@@ -205,13 +205,8 @@ class _OrderedFeeder:
         self.as_if_one_per_job = chunksize is None
         self.chunker = Chunker(chunksize, workers, len(items))
         self.max_in_flight = workers * 2 + 2
-        # A subclass or wrapper that overrides submit() (a progress bar counting
-        # jobs, say; tqdm's process_map replaces it on the instance) expects
-        # map() to go through it, as the standard library's map does: then
-        # every chunk is submitted at once, through submit().
-        from .pool import Pool
-
-        self.through_submit = type(pool).submit is not Pool.submit or "submit" in vars(pool)
+        # Then every chunk is submitted at once, through submit().
+        self.through_submit = _submit_overridden(pool)
         if self.through_submit:
             self.max_in_flight = len(items) + 1
         self.in_flight = 0
@@ -338,6 +333,16 @@ def map_ordered(
             tracker.close()
         return iter(())
     return _map_results(feeder, deadline, len(items))
+
+
+def _submit_overridden(pool: Pool) -> bool:
+    """Whether a subclass or wrapper overrides ``submit()`` (a progress bar counting
+    jobs, say; tqdm's ``process_map`` replaces it on the instance): it expects
+    ``map`` and ``imap_unordered`` to go through it, as the standard library's
+    ``map`` does, so they do (and their errors then name jobs, not inputs)."""
+    from .pool import Pool
+
+    return type(pool).submit is not Pool.submit or "submit" in vars(pool)
 
 
 def _inputs_subject(start: int, count: int) -> str:
@@ -624,10 +629,15 @@ def imap_unordered(
         raise TypeError(f"{fn!r} is not callable")
     check_progress(progress)
 
+    through_submit = _submit_overridden(pool)
+
     def submit_chunk(chunk: list[tuple[int, Any]]) -> Future[Any]:
+        args = [(item,) for _, item in chunk]
+        if through_submit:
+            return pool.submit(_call_chunk, fn, args)
         return pool._submit(
             _call_chunk,
-            (fn, [(item,) for _, item in chunk]),
+            (fn, args),
             {},
             None,
             None,

@@ -227,3 +227,19 @@ def test_an_abandoned_batch_cancels_its_queued_inputs(tmp_path: Path, how: str, 
     # The two that answered and at most one running on each worker; the rest never started.
     assert len(ran) <= 4, ran
     assert pool.stats().cancelled >= 30
+
+
+class _CountingPool(poolkit.Pool):
+    """A subclass that counts what goes through submit(), as progress-bar wrappers do."""
+
+    submitted = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        type(self).submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_imap_unordered_goes_through_an_overridden_submit() -> None:
+    with _CountingPool(2) as counting:
+        assert sorted(counting.imap_unordered(cj.square, range(5), chunksize=1)) == [0, 1, 4, 9, 16]
+    assert _CountingPool.submitted == 5
