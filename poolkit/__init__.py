@@ -22,6 +22,7 @@ from .futures import JobFuture
 from .job_progress import ProgressCounts
 from .logs import log_to_json
 from .pool import JobOptions, Pool
+from .share import Shared
 from .shortcuts import batch  # from here on poolkit.batch is the function, not the module
 from .stats import JobStats, PoolStats, WorkerInfo
 
@@ -42,6 +43,7 @@ __all__ = [
     "ProcessPoolExecutor",
     "ProgressCounts",
     "RemoteTraceback",
+    "Shared",
     "UnpicklableJobError",
     "UnpicklingFailed",
     "WorkerCrashed",

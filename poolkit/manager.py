@@ -49,7 +49,7 @@ from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
-from . import shm, watchdog, wire
+from . import share, shm, watchdog, wire
 from .config import PoolConfig
 from .dispatch import Dispatcher
 from .errors import (
@@ -84,6 +84,16 @@ class _StatsRequest:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.result: PoolStats | None = None
+
+
+def _unshare_everywhere(key: bytes) -> None:
+    """A shared object was let go: every pool whose workers may hold it tells them."""
+    for manager in list(_live_managers):
+        if not manager.forked_away:
+            manager.unshare(key)
+
+
+share.release_hooks.append(_unshare_everywhere)
 
 
 def _fds_of_live_managers() -> list[int]:
@@ -207,6 +217,12 @@ class Manager:
     def terminate(self, future: JobFuture[Any]) -> None:
         self._inbox.append(("terminate", future))
         self._wake()
+
+    def unshare(self, key: bytes) -> None:
+        """A ``Pool.share`` object was let go: the workers that hold it drop it (share.py)."""
+        self._inbox.append(("unshare", key))
+        if threading.current_thread() is not self._thread:
+            self._wake()  # from the manager thread (a job dropped there), the loop reads it anyway
 
     def request_shutdown(self, cancel_futures: bool = False) -> None:
         self._inbox.append(("shutdown", cancel_futures))
@@ -526,6 +542,12 @@ class Manager:
             elif command == "signal_workers":
                 for worker in list(self._workers.values()):
                     self._kill(worker, RetireReason.TERMINATED, arg, now)
+            elif command == "unshare":
+                for worker in self._workers.values():
+                    if arg in worker.shares_sent:
+                        worker.shares_sent.discard(arg)
+                        worker.outbox.append(wire.encode_unshare(arg))
+                        self._flush(worker)
             elif command == "shutdown":
                 self._closing = True
                 if arg:  # cancel_futures: the jobs not started; re-queued ones still run

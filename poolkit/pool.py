@@ -21,7 +21,7 @@ from concurrent.futures import Executor, Future
 from typing import Any, Protocol, TypeVar
 
 from . import batch as _batch
-from . import shm
+from . import share as _share
 from .batch import Outcome
 from .config import PoolConfig
 from .errors import BrokenPool
@@ -150,6 +150,7 @@ class Pool(Executor):
         self._manager = Manager(self._config)
         self._given_ids: set[str] = set()
         self._given_ids_lock = threading.Lock()
+        self._shares: weakref.WeakSet[_share.Shared[Any]] = weakref.WeakSet()  # released at shutdown
         # A pool dropped without shutdown() still lets its jobs finish, then stops.
         weakref.finalize(self, self._manager.request_shutdown)
 
@@ -248,7 +249,9 @@ class Pool(Executor):
         if subject is not None:
             future._subject = subject
         try:
-            payload, region = shm.dumps((fn, args, kwargs), self._config.shm_threshold, manager.main_refs)
+            payload, region, shares = _share.dumps_job(
+                (fn, args, kwargs), self._config.shm_threshold, manager.main_refs
+            )
         except Exception as exc:  # unpicklable function or argument: this future only
             future.set_running_or_notify_cancel()
             future.set_exception(exc)
@@ -256,7 +259,7 @@ class Pool(Executor):
         meta = b"" if job_id is None and job_type is None else dumps((future.job_id, job_type))
         if timeout is None:
             timeout = self._config.job_timeout
-        job = Job(seq, future, payload, meta, timeout, retries, region)
+        job = Job(seq, future, payload, meta, timeout, retries, region, shares)
         # Under the shutdown lock: a job is either queued before the manager
         # hears of the shutdown (and runs), or refused here; never lost between.
         with self._shutdown_lock:
@@ -398,6 +401,40 @@ class Pool(Executor):
         for _ in range(len(pending)):
             yield await queue.get()
 
+    # ------------------------------------------------------------ shared objects
+
+    def share(self, obj: T) -> _share.Shared[T]:
+        """Place ``obj`` in shared memory once; return a small handle that jobs take as an argument.
+
+        Each job given the handle (by ``submit``, ``map``, ``batch`` ...)
+        receives the object itself. Every worker loads it once, before its
+        first job that names it, and keeps it: numpy arrays (pandas blocks
+        too) are mapped from shared memory, not copied, and their pages are
+        not counted in the worker's memory limits. A worker that replaces a
+        recycled one loads it again. For large, read-only data (a model's
+        weights, a lookup table); a job that writes to it writes a private
+        copy of the pages it touches.
+
+        The memory is freed once the handle is released (``release()``,
+        ``with``, or dropped) and no queued or running job names it, and at
+        the latest when this pool shuts down.
+
+        Args:
+            obj: any picklable object.
+
+        Returns:
+            a [`Shared`][poolkit.Shared] handle.
+        """
+        if self._shutdown:
+            raise RuntimeError("cannot share objects after shutdown")
+        handle = _share.share(obj, self._config.shm_threshold)
+        self._shares.add(handle)
+        return handle
+
+    def _release_shares(self) -> None:
+        for handle in list(self._shares):
+            handle.release()
+
     # ------------------------------------------------------------ lifecycle
 
     def stats(self) -> PoolStats:
@@ -458,6 +495,7 @@ class Pool(Executor):
             self._shutdown = True
         if self._manager.owner_pid != os.getpid():
             return
+        self._release_shares()
         self._manager.request_shutdown(cancel_futures)
         if wait:
             self._manager.join()
@@ -491,6 +529,7 @@ class Pool(Executor):
             self._shutdown = True
         if self._manager.owner_pid != os.getpid():
             return
+        self._release_shares()
         self._manager.abort()
         self._manager.join()
 

@@ -27,6 +27,8 @@ class Kind(enum.IntEnum):
     JOB = 2  # <QHId seq attempt meta_len timeout> + meta pickle + payload pickle
     RETIRE = 3  # empty: finish, run the finalizer, exit 0
     CANCEL = 4  # <Q seq>: do not start this job (it was terminated while queued); answer SKIPPED
+    SHARE = 5  # 16-byte key + a Pool.share object's payload (share.py); its region travels as SCM_RIGHTS
+    UNSHARE = 6  # 16-byte key: drop that shared object
     # worker -> parent
     READY = 10  # <q pid>
     RESULT = 11  # <QBddqq seq outcome wall cpu peak rss> + pickled value or (exception, traceback text)
@@ -93,6 +95,7 @@ _CANCEL_HEAD = _head(Kind.CANCEL, _SEQ.size)
 _RETIRING_HEAD = _head(Kind.RETIRING, _RSS.size)
 _RETIRE_FRAME = _head(Kind.RETIRE, 0)
 _KIND_JOB = int(Kind.JOB)
+_SHARE_KEY = 16
 _KIND_RESULT = int(Kind.RESULT)
 
 
@@ -133,6 +136,26 @@ def decode_job(body: Body) -> tuple[int, int, float, memoryview | None, memoryvi
     offset = _JOB_HEAD.size
     meta = view[offset : offset + meta_len] if meta_len else None
     return seq, attempt, timeout, meta, view[offset + meta_len :]
+
+
+def encode_share(key: bytes, payload: bytes) -> tuple[bytes, bytes]:
+    """SHARE, as the parts to send (the first part starts the frame, for its region's descriptor)."""
+    return _head(Kind.SHARE, len(key) + len(payload)) + key, payload
+
+
+def decode_share(body: Body) -> tuple[bytes, memoryview]:
+    """SHARE -> (key, the payload)."""
+    view = memoryview(body)
+    return bytes(view[:_SHARE_KEY]), view[_SHARE_KEY:]
+
+
+def encode_unshare(key: bytes) -> bytes:
+    """UNSHARE: drop the shared object ``key``."""
+    return _frame(Kind.UNSHARE, key)
+
+
+def decode_unshare(body: Body) -> bytes:
+    return bytes(body[:_SHARE_KEY])
 
 
 def encode_retire() -> bytes:

@@ -29,7 +29,7 @@ import weakref
 from collections import deque
 from typing import Any, NoReturn
 
-from . import context, shm, wire
+from . import context, share, shm, wire
 from .config import WorkerConfig
 from .isolation import Baseline
 from .limits import JobWatch, counted_memory, map_area
@@ -403,6 +403,13 @@ def _serve(
                 channel.send(wire.encode_retiring(memory.rss()))
                 _finalize(config)
                 _exit(0)
+        elif kind == wire.Kind.SHARE:
+            key, payload = wire.decode_share(body)
+            incoming = shm.claim(payload, inbox.fds) if inbox.fds else None
+            share.receive(key, payload, incoming)
+            del incoming
+        elif kind == wire.Kind.UNSHARE:
+            share.forget(wire.decode_unshare(body))
         elif kind == wire.Kind.RETIRE:
             _finalize(config)
             _exit(0)

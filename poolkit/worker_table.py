@@ -32,6 +32,7 @@ from typing import Any
 from . import shm, wire
 from .config import PoolConfig
 from .futures import JobFuture
+from .share import _Entry
 
 __all__ = ["Job", "RetireReason", "Worker", "WorkerState", "WorkerTable"]
 
@@ -75,6 +76,7 @@ class Job:
         "region",
         "retries_left",
         "seq",
+        "shares",
         "started_at",
         "timeout",
     )
@@ -88,9 +90,11 @@ class Job:
         timeout: float | None,
         retries: int = 0,
         region: shm.Region | None = None,
+        shares: tuple[_Entry, ...] = (),
     ) -> None:
         self.seq = seq
         self.region = region  # the payload's large pieces (shm.py), kept until the job ends
+        self.shares = shares  # the Pool.share objects it names: each worker gets them before it
         self.future = future
         self.payload = payload
         self.meta = meta
@@ -127,6 +131,7 @@ class Worker:
         "reason",
         "rss",
         "self_retired",
+        "shares_sent",
         "sock",
         "state",
         "wants_write",
@@ -145,6 +150,7 @@ class Worker:
         # Frames in the outbox that carry a region: (their first part, the region).
         self.attached: deque[tuple[bytes, shm.Region]] = deque()
         self.fds = shm.FdQueue()  # regions received with results, not claimed yet
+        self.shares_sent: set[bytes] = set()  # keys of the Pool.share objects this worker holds
         self.wants_write = False
         self.eof = False  # its stream ended (nothing more will be read)
         self.inflight: deque[Job] = deque()
@@ -174,7 +180,17 @@ class Worker:
         return state is WorkerState.KILLING or state is WorkerState.EXITED
 
     def send_job(self, job: Job) -> None:
-        """Queue ``job``'s frame for sending; its region, if any, goes with the frame's first byte."""
+        """Queue ``job``'s frame for sending; its region, if any, goes with the frame's first byte.
+
+        The shared objects it names that this worker does not hold yet go first.
+        """
+        for entry in job.shares:
+            if entry.key not in self.shares_sent:
+                self.shares_sent.add(entry.key)
+                share_parts = wire.encode_share(entry.key, entry.payload)
+                if entry.region is not None:
+                    self.attached.append((share_parts[0], entry.region))
+                self.outbox.extend(share_parts)
         parts = job.frame()
         if job.region is not None:
             self.attached.append((parts[0], job.region))

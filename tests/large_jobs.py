@@ -117,3 +117,26 @@ def write_all(a: np.ndarray, hold: float = 0.0, keep: bool = False) -> float:
 
         time.sleep(hold)
     return float(a[-1])
+
+
+def element(a: Any, i: int) -> float:
+    return float(a[i])
+
+
+def element_and_pid(a: Any, i: int) -> tuple[float, int]:
+    return float(a[i]), os.getpid()
+
+
+def shared_facts(a: np.ndarray) -> dict[str, Any]:
+    """What a job sees of a shared array: mapped (not copied), readonly or not, and its id in this worker."""
+    return {"in_region": in_region(a), "id": id(a), "pid": os.getpid(), "sum": float(a.sum())}
+
+
+def region_count(_: Any = None) -> int:
+    """How many poolkit shared-memory mappings this worker has right now."""
+    return len(region_ranges())
+
+
+def first_key(table: dict[str, Any]) -> str:
+    return sorted(table)[0]
+

@@ -10,6 +10,7 @@ plain pickle path; nothing (descriptor, mapping) is left behind.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import pickle
@@ -21,9 +22,15 @@ import pytest
 np = pytest.importorskip("numpy")
 
 import large_jobs  # noqa: E402
-from conftest import python_env  # noqa: E402
+from conftest import python_env, wait_until  # noqa: E402
 
-from poolkit import MemoryLimitExceeded, Pool, ProcessPoolExecutor, shm  # noqa: E402
+from poolkit import (  # noqa: E402
+    MemoryLimitExceeded,
+    Pool,
+    ProcessPoolExecutor,
+    Shared,
+    shm,
+)
 
 MiB = 1 << 20
 METHODS = ["fork", "forkserver", "spawn"]
@@ -256,3 +263,92 @@ def test_memory_limit_counts_what_a_job_writes_not_what_it_maps(leak_check: obje
         with pytest.raises(MemoryLimitExceeded):
             pool.submit(large_jobs.write_all, a, 30.0).result(timeout=120)
         assert pool.submit(large_jobs.read_all, a).result(timeout=120) == a.size  # the pool goes on
+
+
+# ----------------------------------------------------------------- Pool.share
+
+
+def test_a_shared_array_is_mapped_once_per_worker_and_reused_by_its_jobs(pool: Pool) -> None:
+    big = np.arange(4 * MiB, dtype=np.float64)  # 32 MiB
+    handle = pool.share(big)
+    assert isinstance(handle, Shared) and handle.nbytes >= big.nbytes
+    facts = [f.result(timeout=60) for f in [pool.submit(large_jobs.shared_facts, handle) for _ in range(8)]]
+    assert all(f["in_region"] for f in facts), "the worker should map the shared array, not copy it"
+    assert all(f["sum"] == float(big.sum()) for f in facts)
+    ids_per_worker: dict[int, set[int]] = {}
+    for f in facts:
+        ids_per_worker.setdefault(f["pid"], set()).add(f["id"])
+    assert all(len(ids) == 1 for ids in ids_per_worker.values()), "each worker loads it once"
+    assert list(pool.map(large_jobs.element, [handle] * 5, range(5))) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    outcomes = list(pool.batch(functools.partial(large_jobs.element, handle), [10, 20]))
+    assert [o.value for o in outcomes] == [10.0, 20.0]
+
+
+def test_a_shared_object_survives_worker_recycling(leak_check: object) -> None:
+    big = np.arange(MiB, dtype=np.float64)
+    with Pool(2, max_tasks_per_child=1) as pool:
+        handle = pool.share(big)
+        results = [pool.submit(large_jobs.element_and_pid, handle, i) for i in range(6)]
+        values = [f.result(timeout=60) for f in results]
+    assert [v for v, _ in values] == [float(i) for i in range(6)]
+    assert len({pid for _, pid in values}) == 6  # every job on a new worker, each given the object again
+
+
+def test_shared_objects_of_any_kind_and_the_executor(leak_check: object) -> None:
+    table = {f"k{i}": i for i in range(100_000)}
+    with ProcessPoolExecutor(2) as executor:
+        handle = executor.share(table)
+        assert list(executor.map(large_jobs.first_key, [handle, handle])) == ["k0", "k0"]
+
+
+def test_released_share_leaves_every_worker_and_cannot_be_used(leak_check: object) -> None:
+    with Pool(2) as pool:
+        handle = pool.share(np.ones(2 * MiB))
+        for f in [pool.submit(large_jobs.element, handle, 0) for _ in range(4)]:
+            assert f.result(timeout=60) == 1.0
+        pids = {w.pid for w in pool.stats().workers if w.pid}
+        assert any(large_jobs.region_ranges(pid) for pid in pids)
+        handle.release()
+        assert handle.released and handle.nbytes == 0
+        wait_until(
+            lambda: not any(large_jobs.region_ranges(pid) for pid in pids),
+            timeout=20,
+            what="the workers to unmap the released object",
+        )
+        with pytest.raises(ValueError, match="released"):  # a pickling error: on its future
+            pool.submit(large_jobs.element, handle, 0).result(timeout=10)
+
+
+def test_a_dropped_handle_is_released_once_its_queued_jobs_have_run(leak_check: object) -> None:
+    with Pool(1) as pool:
+        handle = pool.share(np.full(MiB, 7.0))
+        futures = [pool.submit(large_jobs.element, handle, i) for i in range(3)]
+        del handle  # the jobs already queued still get it
+        assert [f.result(timeout=60) for f in futures] == [7.0, 7.0, 7.0]
+        pid = futures[0].pid
+        wait_until(lambda: not large_jobs.region_ranges(pid), timeout=20, what="the object to be released")
+
+
+def test_shutdown_with_shares_outstanding_releases_them(leak_check: object) -> None:
+    pool = Pool(2)
+    handles = [pool.share(np.full(MiB, float(i))) for i in range(3)]
+    assert pool.submit(large_jobs.element, handles[2], 0).result(timeout=60) == 2.0
+    pool.shutdown()
+    assert all(h.released for h in handles)
+    assert large_jobs.region_fds() == [] and large_jobs.region_ranges() == []
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.share(1)
+
+
+def test_a_handle_is_only_for_poolkit_jobs() -> None:
+    with Pool(1) as pool:
+        handle = pool.share(b"x" * 100)
+        with pytest.raises(TypeError, match="only be an argument of a job"):
+            pickle.dumps(handle)
+
+
+def test_dask_pool_says_share_is_not_available() -> None:
+    dask_pool = pytest.importorskip("poolkit.dask")
+    with pytest.raises(NotImplementedError, match="scatter"):
+        dask_pool.DaskPool.share(object.__new__(dask_pool.DaskPool), 1)
+

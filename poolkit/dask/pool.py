@@ -241,6 +241,24 @@ class DaskPool(Executor):
 
     # ------------------------------------------------------------ submit
 
+    def share(self, obj: Any) -> Any:
+        """Not available on a DaskPool: raises ``NotImplementedError``.
+
+        ``Pool.share`` places an object in one machine's shared memory; a
+        DaskPool's jobs run on many machines and their data travels through
+        Dask. Scatter the object instead (``client.scatter(obj,
+        broadcast=True)``) and pass the Dask future to the jobs: Dask keeps
+        one copy per node.
+
+        Args:
+            obj: the object that would have been shared.
+        """
+        raise NotImplementedError(
+            "DaskPool.share is not available: a DaskPool's jobs run on several machines and "
+            "their data travels through Dask; use client.scatter(obj, broadcast=True) and "
+            "pass the Dask future to the jobs (Dask keeps one copy per node)"
+        )
+
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> DaskJobFuture[T]:
         """Run ``fn(*args, **kwargs)`` in a poolkit child on some Dask worker.
 
