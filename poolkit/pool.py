@@ -293,7 +293,12 @@ class Pool(Executor):
             timeout: seconds from this call after which the iterator raises
                 ``TimeoutError`` for a result not yet there.
             chunksize: inputs per job; default ``None`` chooses chunk sizes
-                from the measured duration of the first calls.
+                from the measured duration of the first calls, and keeps what
+                one input per job (the standard library's default) gives:
+                every result before a failing input is yielded, and under a
+                ``job_timeout`` or ``max_tasks_per_child`` each input is a job.
+                With your own ``chunksize`` a failing chunk fails whole, as in
+                the standard library.
             progress: ``True`` shows the run's progress on stderr (a live bar
                 on a terminal, a plain line every few seconds elsewhere); a
                 callable receives [`ProgressCounts`][poolkit.ProgressCounts]
@@ -342,21 +347,26 @@ class Pool(Executor):
             iterable: the inputs; read lazily, so it may be a generator or endless.
             retries: how many times to run an input again after its worker
                 died or it timed out (and after an exception, with
-                ``retry_exceptions``).
+                ``retry_exceptions``); each input's own budget (one input
+                per job when retries are on).
             retry_exceptions: also retry an input whose ``fn`` raised.
             timeout: seconds each input may run; past it, that input fails
                 with [`JobTimeout`][poolkit.JobTimeout] and its worker is
                 replaced. A timeout sends one input per job.
             ordered: yield outcomes in input order (True) or as they complete.
             chunksize: inputs sent to a worker at a time; default: sized from
-                the measured duration of the first inputs (1 with ``timeout``).
+                the measured duration of the first inputs (1 with ``timeout``,
+                the pool's ``job_timeout`` or ``retries``).
             max_in_flight: bound on chunks sent but not yet answered.
             progress: as for [`map`][poolkit.Pool.map]; an input counts as
                 failed only after its last attempt.
 
         Returns:
             An iterator of outcomes, one per input, that never raises for a
-            failed input.
+            failed input: a job that calls ``sys.exit()`` or raises
+            ``KeyboardInterrupt`` fails its input like any other exception.
+            Closing or dropping it (or raising out of its loop) cancels the
+            inputs that have not started; the running ones finish.
         """
         return _batch.run_batch(
             self,
