@@ -18,6 +18,8 @@ reference from every start method, ``spawn`` included).
 from __future__ import annotations
 
 import os
+import select
+import subprocess
 import sys
 import threading
 import time
@@ -246,6 +248,29 @@ def leak_check() -> Iterator[LeakCheck]:
 
 
 # ----------------------------------------------------------------- subprocess scripts
+
+
+def read_pty(master: int, proc: subprocess.Popen[bytes], deadline: float) -> bytes:
+    """All that ``proc`` writes to the pseudo-terminal ``master`` until it closes it or exits.
+
+    A live display is checked on a real terminal (rich draws only there); the
+    reader stops at end of stream, when the process has exited and nothing is
+    left to read, or at ``deadline`` (a bound, so a hung process fails the test).
+    """
+    chunks: list[bytes] = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the other side closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    return b"".join(chunks)
 
 
 def python_env() -> dict[str, str]:

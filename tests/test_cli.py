@@ -11,7 +11,6 @@ import json
 import os
 import pty
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import read_pty
 
 import poolkit
 
@@ -362,23 +362,6 @@ def test_plain_progress_lines_when_not_a_terminal(tmp_path: Path) -> None:
     assert "jobs/s" in lines[-1] and "ETA" in lines[-1]
 
 
-def _read_pty(master: int, proc: subprocess.Popen[bytes], deadline: float) -> bytes:
-    chunks: list[bytes] = []
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.2)
-        if ready:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the other side closed
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif proc.poll() is not None:
-            break
-    return b"".join(chunks)
-
-
 def test_rich_progress_on_a_terminal(tmp_path: Path) -> None:
     inputs = write_inputs(tmp_path / "in.jsonl", [0.05] * 40 + [-1])
     master, slave = pty.openpty()
@@ -394,7 +377,7 @@ def test_rich_progress_on_a_terminal(tmp_path: Path) -> None:
     )
     os.close(slave)
     try:
-        screen = _read_pty(master, proc, time.monotonic() + 60).decode("utf-8", "replace")
+        screen = read_pty(master, proc, time.monotonic() + 60).decode("utf-8", "replace")
         assert proc.wait(timeout=30) == 1
     finally:
         os.close(master)

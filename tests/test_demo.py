@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import pty
-import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import read_pty
 from rich.console import Console
 
 from poolkit.demo import recycled_detail
@@ -88,28 +88,14 @@ def test_demo_on_a_terminal_shows_the_live_dashboard(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     os.close(slave)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + 150
     try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: the demo closed the terminal
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
+        screen = read_pty(master, proc, time.monotonic() + 150).decode("utf-8", "replace")
         assert proc.wait(timeout=30) == 0
     finally:
         os.close(master)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    screen = b"".join(chunks).decode("utf-8", "replace")
     assert "\x1b[" in screen, "rich did not see a terminal"
     # the live parts: per-type progress, the workers table from pool.stats(), the event log
     for text in ("all jobs", "fine-tune", "workers (pool.stats())", "events", "epoch ", "loss "):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import jobs
 import pytest
-from conftest import LeakCheck, python_env
+from conftest import LeakCheck, python_env, read_pty
 
 import poolkit
 from poolkit.job_progress import ProgressCounts
@@ -158,28 +157,14 @@ def test_a_terminal_shows_a_live_bar_on_stderr_and_stdout_stays_clean(tmp_path: 
         env={**python_env(), "TERM": "xterm-256color", "COLUMNS": "120"},
     )
     os.close(slave)
-    chunks: list[bytes] = []
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
+        screen = read_pty(master, proc, time.monotonic() + 90).decode("utf-8", "replace")
         stdout = proc.communicate(timeout=30)[0].decode()
     finally:
         os.close(master)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    screen = b"".join(chunks).decode("utf-8", "replace")
     assert proc.returncode == 0
     assert stdout == "results 60\n"
     assert "\x1b[" in screen, "no live redraw: rich did not see a terminal"
