@@ -140,3 +140,50 @@ def region_count(_: Any = None) -> int:
 def first_key(table: dict[str, Any]) -> str:
     return sorted(table)[0]
 
+
+def array_then_die_at(n: int, delay: float) -> np.ndarray:
+    """Return a large array, with a thread that SIGKILLs this worker ``delay`` seconds from now.
+
+    With delays spread over the time it takes to pickle, write and send the
+    result, the worker dies at whatever point of that the delay falls on.
+    """
+    import signal
+    import threading
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    result = np.full(n, 5.0)
+    threading.Timer(delay, die).start()
+    return result
+
+
+class DieWhenPickled:
+    """Kills its worker while the worker pickles it (after the large pieces before it)."""
+
+    def __reduce__(self) -> Any:
+        os._exit(3)
+
+
+def large_then_die_in_pickling(n: int) -> list[Any]:
+    return [np.full(n, 1.0), DieWhenPickled()]
+
+
+def wait_mapped_then_block(a: np.ndarray, started: str) -> float:
+    """Map the argument (read all of it), say so, then wait to be killed."""
+    import time
+
+    total = float(a.sum())
+    with open(started, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(600)
+    return total
+
+
+def allocate(nbytes: int) -> np.ndarray:
+    return np.ones(nbytes // 8)
+
+
+def fds_and_regions(_: Any = None) -> tuple[int, list[str], int]:
+    """This worker's pid, its descriptors that point at regions, and its region mappings."""
+    return os.getpid(), region_fds(), len(region_ranges())

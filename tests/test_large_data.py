@@ -11,24 +11,28 @@ plain pickle path; nothing (descriptor, mapping) is left behind.
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.util
 import os
 import pickle
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 np = pytest.importorskip("numpy")
 
 import large_jobs  # noqa: E402
-from conftest import python_env, wait_until  # noqa: E402
+from conftest import python_env, wait_for_pid_file, wait_until, worker_pids  # noqa: E402
 
 from poolkit import (  # noqa: E402
     MemoryLimitExceeded,
     Pool,
     ProcessPoolExecutor,
     Shared,
+    WorkerCrashed,
     shm,
 )
 
@@ -352,3 +356,119 @@ def test_dask_pool_says_share_is_not_available() -> None:
     with pytest.raises(NotImplementedError, match="scatter"):
         dask_pool.DaskPool.share(object.__new__(dask_pool.DaskPool), 1)
 
+
+# ----------------------------------------------------------------- faults: nothing lost, nothing leaked
+
+
+def _dev_shm() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+def _descriptors(pid: int) -> int:
+    """How many descriptors ``pid`` holds, less its own /proc files (a worker opens two on first use, and keeps them)."""
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        count += not target.startswith(f"/proc/{pid}/")
+    return count
+
+
+def _assert_nothing_left_here() -> None:
+    # A dropped future or an abandoned map iterator may sit in a reference
+    # cycle; its result's mapping goes when the cycle is collected.
+    gc.collect()
+    assert large_jobs.region_fds() == []
+    assert large_jobs.region_ranges() == []
+
+
+def test_worker_killed_while_it_maps_a_large_argument(tmp_path: Path, leak_check: object) -> None:
+    shm_before = _dev_shm()
+    with Pool(2) as pool:
+        started = tmp_path / "started"
+        a = np.ones(4 * MiB)
+        doomed = pool.submit(large_jobs.wait_mapped_then_block, a, str(started))
+        pid = wait_for_pid_file(started)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerCrashed):
+            doomed.result(timeout=60)
+        assert pool.submit(large_jobs.double, a).result(timeout=60)[0] == 2.0  # the pool goes on
+    _assert_nothing_left_here()
+    assert _dev_shm() == shm_before
+
+
+def test_worker_killed_at_any_point_of_sending_a_large_result(leak_check: object) -> None:
+    delays = [0.0005 * i for i in range(24)]  # across pickling, writing the region and sending
+    with Pool(2) as pool:
+        futures = [pool.submit(large_jobs.array_then_die_at, MiB, d) for d in delays]
+        futures.append(pool.submit(large_jobs.large_then_die_in_pickling, MiB))
+        for future in futures:
+            error = future.exception(timeout=120)
+            if error is None:
+                assert future.result()[0] in (5.0, 1.0)
+            else:
+                assert isinstance(error, WorkerCrashed), error
+        assert futures[-1].exception() is not None  # it always dies
+        pids = [w.pid for w in pool.stats().workers if w.pid]
+        for pid in pids:
+            wait_until(
+                lambda pid=pid: not large_jobs.region_fds(pid) and not large_jobs.region_ranges(pid),
+                timeout=10,
+                what=f"worker {pid} to hold no region (it closes one just after sending it)",
+            )
+    del futures  # the results that came back are mapped until then
+    _assert_nothing_left_here()
+
+
+def test_a_result_larger_than_the_memory_limit_fails_that_job_only(leak_check: object) -> None:
+    limit = _baseline("fork") + 64 * MiB
+    with Pool(1, memory_limit_per_child=limit) as pool:
+        with pytest.raises(MemoryLimitExceeded):
+            pool.submit(large_jobs.allocate, 256 * MiB).result(timeout=120)
+        assert pool.submit(large_jobs.allocate, 8 * MiB).result(timeout=60).nbytes == 8 * MiB
+    _assert_nothing_left_here()
+
+
+def test_dropped_futures_and_an_abandoned_map_leave_nothing(leak_check: object) -> None:
+    arrays = [np.full(MiB // 4, float(i)) for i in range(12)]  # 2 MiB each
+    with Pool(2) as pool:
+        for array in arrays[:6]:
+            pool.submit(large_jobs.double, array)  # dropped at once
+        results = pool.map(large_jobs.double, arrays)
+        assert next(results)[0] == 0.0
+        del results  # abandoned after one result
+        kept = [pool.submit(large_jobs.double, array) for array in arrays[:3]]
+        assert [f.result(timeout=60)[0] for f in kept] == [0.0, 2.0, 4.0]
+        del kept
+    _assert_nothing_left_here()
+
+
+def test_a_thousand_large_jobs_in_a_row_leave_no_descriptor_or_mapping(leak_check: object) -> None:
+    shm_before = _dev_shm()
+    array = np.arange(16 * 1024, dtype=np.float64)  # 128 KiB: over this pool's threshold
+    with Pool(2, shm_threshold="64KiB") as pool:
+        assert [a[1] for a in pool.map(large_jobs.double, [array] * 4, chunksize=1)] == [2.0] * 4
+        for pid in worker_pids(pool):  # the last result's region is closed just after it is sent
+            wait_until(lambda pid=pid: not large_jobs.region_fds(pid), timeout=10, what="no region held")
+        before = {pid: _descriptors(pid) for pid in worker_pids(pool)}
+        total = 0.0
+        for out in pool.map(large_jobs.double, [array] * 1000, chunksize=1):
+            total += out[1]
+        del out  # the last result is mapped while it lives
+        assert total == 2000.0
+        for pid, count in before.items():
+            # A worker closes its last result's region just after sending it: allow it that moment.
+            wait_until(
+                lambda pid=pid, count=count: _descriptors(pid) == count,
+                timeout=10,
+                what=f"worker {pid} back to its {count} descriptors",
+            )
+            assert large_jobs.region_fds(pid) == [] and large_jobs.region_ranges(pid) == []
+        assert worker_pids(pool) == set(before)
+    _assert_nothing_left_here()
+    assert _dev_shm() == shm_before
