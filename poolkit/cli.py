@@ -37,7 +37,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from types import FrameType
-from typing import Any, BinaryIO, NoReturn, TextIO, cast
+from typing import Any, BinaryIO, NoReturn, cast
 
 from . import __version__
 from .batch import PENDING, Outcome, run_batch
@@ -54,6 +54,7 @@ from .progress import (
     print_summary,
 )
 from .resume import Previous, ResumeError, input_hash, read_previous
+from .run_output import OutputFailed, OutputRefused, RunOutput
 from .serialization import dumps
 from .stats import RECYCLING_REASONS, PoolStats
 
@@ -322,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except UsageError as exc:
         _usage_error(args.subparser, str(exc))
+    except (ResumeError, OutputRefused) as exc:  # the command line was right; the files say no
+        sys.stderr.write(f"{args.subparser.prog}: error: {exc}\n")
+        return EXIT_USAGE
     except KeyboardInterrupt:  # before the run's own handler is in place (importing, starting)
         sys.stderr.write("poolkit: interrupted\n")
         return EXIT_SIGINT
@@ -490,53 +494,6 @@ class _Interrupts:
 
 
 # ----------------------------------------------------------------- input and output
-
-
-class _OutputFailed(Exception):
-    """The output went bad mid-run (disk full, a closed pipe): nothing more can be written."""
-
-
-class _Output:
-    """One JSON line per record, flushed each time so that an interrupted run keeps its results."""
-
-    def __init__(self, path: str, *, append: bool = False) -> None:
-        self.path = path
-        self._file: TextIO | None = None
-        if path != "-":
-            try:
-                self._file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
-            except OSError as exc:
-                raise UsageError(f"cannot write output file {path!r}: {exc.strerror or exc}") from None
-
-    @property
-    def stream(self) -> TextIO:
-        # stdout looked up each time: rich's live display swaps it for a proxy that prints above the bar.
-        return self._file if self._file is not None else sys.stdout
-
-    def write_line(self, line: str) -> None:
-        stream = self.stream
-        try:
-            stream.write(line + "\n")
-            stream.flush()
-        except OSError as exc:
-            self._broken(exc)
-
-    def _broken(self, exc: OSError) -> NoReturn:
-        where = "stdout" if self._file is None else repr(self.path)
-        if self._file is None:
-            # Nobody reads stdout any more (`| head`): stop Python's exit-time flush from complaining.
-            with contextlib.suppress(OSError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
-        raise _OutputFailed(f"cannot write to {where}: {exc.strerror or exc}") from exc
-
-    def close(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError as exc:
-                sys.stderr.write(f"poolkit: closing {self.path!r} failed: {exc.strerror or exc}\n")
 
 
 def _json_line(value: Any, *, ascii_only: bool = False) -> str:
@@ -764,7 +721,7 @@ class _RunState:
     def __init__(
         self,
         args: argparse.Namespace,
-        output: _Output,
+        output: RunOutput,
         display: RunDisplay,
         tally: RunTally,
         interrupts: _Interrupts,
@@ -965,9 +922,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_resume_args(args)
     stream, input_is_file = _open_input(args.input)
     try:
-        previous = _previous_run(args, stream, input_is_file)
-        output = _Output(args.output, append=previous is not None)
-    except UsageError:
+        nothing_yet = args.resume is not None and not os.path.exists(args.resume)
+        output = RunOutput(args.output, input_stream=stream, truncate=args.resume is None)
+    except BaseException:
+        if input_is_file:
+            stream.close()
+        raise
+    try:
+        previous = _previous_run(args, stream, input_is_file, output, nothing_yet)
+    except BaseException:
+        output.close()
         if input_is_file:
             stream.close()
         raise
@@ -998,28 +962,29 @@ def _check_resume_args(args: argparse.Namespace) -> None:
     args.output = args.resume
 
 
-def _previous_run(args: argparse.Namespace, stream: BinaryIO, input_is_file: bool) -> Previous | None:
+def _previous_run(
+    args: argparse.Namespace, stream: BinaryIO, input_is_file: bool, output: RunOutput, nothing_yet: bool
+) -> Previous | None:
     """With ``--resume``: what the earlier run finished, checked against a file input, its file tidied.
 
     The file keeps only the records of finished inputs (see ``poolkit.resume``)
     before anything runs, so that the records appended after them make exactly
-    one per input.
+    one per input. The run already holds the file (``RunOutput``): no other
+    run writes it meanwhile.
     """
     if args.resume is None:
         return None
-    if not os.path.exists(args.resume):
-        sys.stderr.write(f"poolkit: nothing to resume: {args.resume!r} does not exist; starting from the beginning\n")
+    if nothing_yet:
+        sys.stderr.write(f"poolkit: nothing to resume: {args.resume!r} did not exist; starting from the beginning\n")
         return Previous(args.resume)
-    try:
-        previous = read_previous(args.resume, retry_failed=args.retry_failed)
-        if input_is_file:
-            previous.check_all(stream)
-        if previous.dropped:
-            previous.rewrite()
-    except ResumeError as exc:
-        raise UsageError(str(exc)) from None
-    except OSError as exc:
-        raise UsageError(f"cannot rewrite {args.resume!r}: {exc.strerror or exc}") from None
+    previous = read_previous(args.resume, retry_failed=args.retry_failed)
+    if input_is_file:
+        previous.check_all(stream)
+    if previous.dropped:
+        try:
+            output.keep_only(previous.records)
+        except OSError as exc:
+            raise OutputRefused(f"cannot rewrite {args.resume!r}: {exc.strerror or exc}") from None
     return previous
 
 
@@ -1029,7 +994,7 @@ def _run(
     pool: Any,
     stream: BinaryIO,
     input_is_file: bool,
-    output: _Output,
+    output: RunOutput,
     previous: Previous | None = None,
 ) -> int:
     lines = _count_lines(stream)
@@ -1088,12 +1053,12 @@ def _run(
             if outcomes is not None:
                 outcomes.close()
             pool.shutdown(wait=True, cancel_futures=True)
-            if not isinstance(failure, _OutputFailed):
+            if not isinstance(failure, OutputFailed):
                 note: str | None = None
                 try:
                     rest = stream if stdin_lines is None else stdin_lines.stop()
                     note = state.write_not_run(rest, input_is_file)
-                except _OutputFailed as exc:
+                except OutputFailed as exc:
                     failure = exc
                 except OSError as exc:  # the input went bad as well: what was written stands
                     note = f"could not read the rest of the input: {exc}"
@@ -1115,7 +1080,7 @@ def _run(
             f"poolkit: interrupted by {name}; workers stopped; {state.not_run} inputs did not run "
             f"(status \"not_run\" in the output)\n"
         )
-    if isinstance(failure, (_OutputFailed, ResumeError)):
+    if isinstance(failure, (OutputFailed, ResumeError)):
         sys.stderr.write(f"poolkit: the run stopped: {failure}\n")
     elif failure is not None:
         sys.stderr.write(f"poolkit: the run stopped: {type(failure).__name__}: {failure}\n")

@@ -14,18 +14,20 @@ anything runs when the input is a file, and at that line for stdin.
 A run killed at any moment (even SIGKILL) leaves whole lines and at most one
 cut last line: the CLI writes a record with one ``write`` and flushes it.
 The cut line, the ``not_run`` records an interrupted run wrote, and (with
-``--retry-failed``) the error records are dropped by rewriting the file
-(a temporary file renamed over it, so a kill during the rewrite leaves the
-old file or the new one, never half of each); new records are appended after
-the kept ones, so the file ends with exactly one record per input.
+``--retry-failed``) the error records are dropped: ``Previous.records`` is
+what the file keeps (``RunOutput.keep_only`` rewrites it atomically); new
+records are appended after the kept ones, so the file ends with exactly one
+record per input.
+
+Every record is checked to be a poolkit record (an object with a known
+``status``, a ``line`` and an ``input_hash``) before anything is dropped: a
+file that is JSON but not a run's output is refused, never overwritten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -33,6 +35,8 @@ __all__ = ["FINISHED", "Previous", "ResumeError", "input_hash", "read_previous"]
 
 #: Record statuses that mean "this input finished": a resumed run skips it.
 FINISHED = ("ok", "error")
+#: Every status a record of ``poolkit run`` may have.
+STATUSES = (*FINISHED, "not_run")
 
 
 class ResumeError(Exception):
@@ -90,24 +94,6 @@ class Previous:
                 "to a new output file."
             )
 
-    def rewrite(self) -> None:
-        """Leave only the kept records in the file, replacing it atomically."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=".poolkit-resume-", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.writelines(self.records)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, os.stat(self.path).st_mode & 0o7777)
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-
 
 def read_previous(path: str, *, retry_failed: bool) -> Previous:
     """Read an earlier run's output; ResumeError when it is not such an output."""
@@ -125,11 +111,16 @@ def read_previous(path: str, *, retry_failed: bool) -> Previous:
                 previous.dropped += 1
                 break
             record = _record(path, number, raw)
+            lineno, digest = _key(path, number, record)
             status = record.get("status")
-            if status not in FINISHED or (status == "error" and retry_failed):
+            if status not in STATUSES:
+                raise ResumeError(
+                    f"{path!r} record {number} has status {status!r}, which poolkit run does not "
+                    "write: not a poolkit run's output"
+                )
+            if status == "not_run" or (status == "error" and retry_failed):
                 previous.dropped += 1
                 continue
-            lineno, digest = _key(path, number, record)
             if lineno in previous.done:
                 raise ResumeError(
                     f"{path!r} has two finished records for input line {lineno} (record {number}): "

@@ -189,3 +189,63 @@ def test_an_output_that_is_not_a_poolkit_run_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "not JSON" in done.stderr
     assert (tmp_path / "out.jsonl").read_text() == "hello\n"
+
+
+def test_output_naming_the_input_file_is_refused_and_the_input_kept(tmp_path: Path) -> None:
+    write_inputs(tmp_path / "in.jsonl", [1, 2, 3])
+    for output in ("in.jsonl", "./in.jsonl"):
+        done = run_cli(["run", "cli_jobs:square", "in.jsonl", "-o", output], tmp_path)
+        assert done.returncode == 2
+        assert "is the input file" in done.stderr
+        assert "usage:" not in done.stderr  # the command line was fine: no usage text
+        assert (tmp_path / "in.jsonl").read_text() == "1\n2\n3\n"
+
+
+def test_a_run_cannot_write_where_another_still_writes(tmp_path: Path) -> None:
+    inputs = list(range(200))
+    write_inputs(tmp_path / "in.jsonl", inputs)
+    out = tmp_path / "out.jsonl"
+    first = subprocess.Popen(
+        poolkit_cmd("run", "cli_jobs:slow_square", "in.jsonl", "-o", "out.jsonl", "-w", "2", "-q"),
+        cwd=tmp_path,
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 2):  # it is writing
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.01)
+        for args in (["--resume", "out.jsonl"], ["-o", "out.jsonl"]):
+            second = run_cli(["run", "cli_jobs:square", "in.jsonl", *args], tmp_path)
+            assert second.returncode == 2
+            assert "being written by another poolkit run" in second.stderr
+        assert first.wait(timeout=120) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    one_record_per_line(out, inputs)  # nothing interleaved, nothing torn
+
+
+def test_a_json_file_that_is_not_a_runs_output_is_never_overwritten(tmp_path: Path) -> None:
+    write_inputs(tmp_path / "in.jsonl", [1, 2])
+    (tmp_path / "foreign.jsonl").write_text('{"a": 1}\n{"b": 2}\n')
+    done = run_cli(["run", "cli_jobs:square", "in.jsonl", "--resume", "foreign.jsonl"], tmp_path)
+    assert done.returncode == 2
+    assert "not a poolkit run's output" in done.stderr
+    assert (tmp_path / "foreign.jsonl").read_text() == '{"a": 1}\n{"b": 2}\n'
+
+
+def test_resume_through_a_symbolic_link_keeps_the_link(tmp_path: Path) -> None:
+    inputs = list(range(5))
+    write_inputs(tmp_path / "in.jsonl", inputs)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "real" / "out.jsonl")
+    assert run_cli(["run", "cli_jobs:square", "in.jsonl", "-o", "link.jsonl", "-q"], tmp_path).returncode == 0
+    real = tmp_path / "real" / "out.jsonl"
+    lines = real.read_bytes().splitlines(keepends=True)
+    real.write_bytes(b"".join(lines[:2]) + lines[2][:5])  # cut: the rewrite must happen
+    done = run_cli(["run", "cli_jobs:square", "in.jsonl", "--resume", "link.jsonl"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "link.jsonl").is_symlink()
+    one_record_per_line(real, inputs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -47,16 +46,6 @@ def test_retry_failed_drops_the_error_records(tmp_path: Path) -> None:
     assert previous.dropped == 1
 
 
-def test_rewrite_leaves_exactly_the_kept_records(tmp_path: Path) -> None:
-    kept = record(1, "ok", b"1")
-    path = write(tmp_path / "out.jsonl", kept, record(2, "not_run", b"2"), b'{"line": 3, "sta')
-    os.chmod(path, 0o640)
-    read_previous(path, retry_failed=False).rewrite()
-    assert Path(path).read_bytes() == kept
-    assert os.stat(path).st_mode & 0o777 == 0o640
-    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temporary file left
-
-
 def test_a_changed_line_is_refused_with_its_number(tmp_path: Path) -> None:
     path = write(tmp_path / "out.jsonl", record(1, "ok", b"1"), record(2, "ok", b"2"))
     previous = read_previous(path, retry_failed=False)
@@ -89,6 +78,9 @@ def test_check_all_refuses_an_input_shorter_than_the_records(tmp_path: Path) -> 
         (b"[1, 2]\n", "not a JSON object"),
         (b'{"status": "ok", "input_hash": "ab"}\n', "no input line number"),
         (b'{"line": 1, "status": "ok"}\n', "no input_hash"),
+        (b'{"a": 1}\n', "no input line number"),
+        (b'{"line": 1, "input_hash": "ab", "status": "done"}\n', "status 'done'"),
+        (b'{"line": 1, "input_hash": "ab"}\n', "status None"),
     ],
 )
 def test_an_output_that_is_not_a_runs_is_refused(tmp_path: Path, content: bytes, message: str) -> None:
