@@ -25,7 +25,7 @@ from .scenarios import SCENARIOS
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Scenarios S1-S7 for poolkit and its peers, each run in a fresh interpreter.",
+        description="Scenarios S1-S8 for poolkit and its peers, each run in a fresh interpreter.",
     )
     parser.add_argument("--quick", action="store_true",
                         help="fewer items, 1 repetition, 8 s cap: a smoke run of about a minute")

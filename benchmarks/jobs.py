@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
-__all__ = ["chunk", "crash_if", "die_at", "echo", "leak", "noop", "rss_bytes", "square"]
+__all__ = ["chunk", "crash_if", "die_at", "double", "echo", "leak", "noop", "rss_bytes", "square"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _LEAKED: list[bytearray] = []
@@ -52,6 +53,11 @@ def leak(size: int, hold: float) -> int:
 def echo(payload: bytes) -> bytes:
     """S7: send the payload straight back (a round trip of pickling and pipes)."""
     return payload
+
+
+def double(a: Any) -> Any:
+    """S8: a numpy array times two (a new array of the same size comes back)."""
+    return a * 2.0
 
 
 def chunk(fn_items: tuple[object, list[int]]) -> list[object]:

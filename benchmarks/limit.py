@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import mmap
 import os
 import pickle
 import selectors
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["LimitCrashed", "LimitFuture", "LimitPool"]
+__all__ = ["LimitCrashed", "LimitFuture", "LimitPool", "shared_memory_double"]
 
 _LEN = struct.Struct("<Q")
 _SMALL = 64 * 1024  # frames below this are joined and written together
@@ -344,3 +345,49 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
     return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+def shared_memory_double(arrays: Sequence[Any], workers: int) -> list[Any]:
+    """S8's reference: ``[a * 2.0 for a in arrays]`` by forked children, with nothing pickled or piped.
+
+    The arrays are copied into one anonymous shared region (``memfd``); the
+    children, forked afterwards, read them there and write each result into a
+    second shared region, where the caller gets them as arrays. That is the
+    least a process pool can do to move the data (one copy in, the results
+    written in place), so it bounds what any pool can reach.
+    """
+    import numpy as np
+
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    regions = []
+    for name in ("limit-in", "limit-out"):
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(fd, max(total, mmap.PAGESIZE))
+        regions.append(mmap.mmap(fd, max(total, mmap.PAGESIZE)))
+        os.close(fd)
+    source, target = regions
+
+    def view(region: mmap.mmap, i: int) -> Any:
+        a = arrays[i]
+        return np.frombuffer(region, a.dtype, a.size, offsets[i]).reshape(a.shape)
+
+    for i, a in enumerate(arrays):
+        view(source, i)[...] = a
+    pids = []
+    for k in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for i in range(k, len(arrays), workers):
+                    np.multiply(view(source, i), 2.0, out=view(target, i))
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise RuntimeError(f"a reference child failed with status {status}")
+    return [view(target, i) for i in range(len(arrays))]

@@ -379,7 +379,8 @@ class MpirePeer(_AsyncResultPeer):
         return self.pool.apply_async(fn, args=args)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], deadline: float) -> list[Any]:
-        return list(self.pool.map(fn, items))
+        # A list of results, as every other peer returns (by default mpire joins numpy results into one array).
+        return list(self.pool.map(fn, items, concatenate_numpy_output=False))
 
     def run_all(
         self, fn: Callable[..., Any], arglist: Sequence[tuple[Any, ...]], deadline: float
@@ -397,6 +398,35 @@ class MpirePeer(_AsyncResultPeer):
             self.pool = None
 
 
+class JoblibPeer(Peer):
+    """joblib's ``Parallel`` (loky backend), as a new user calls it: it memory-maps large numpy arguments."""
+
+    name = "joblib"
+    label = "joblib.Parallel(n_jobs) (loky backend, auto-memmapping)"
+    modules = ("joblib",)
+
+    def open(self, workers: int, *, max_tasks: int | None = None) -> None:
+        import joblib
+
+        if max_tasks is not None:
+            raise NotApplicable("joblib.Parallel has no per-worker job limit")
+        self.pool = joblib.Parallel(n_jobs=workers)
+        self.pool.__enter__()  # keep its workers between calls, as a pool does
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotApplicable("joblib has no submit: it runs batches of calls through Parallel")
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], deadline: float) -> list[Any]:
+        from joblib import delayed
+
+        return list(self.pool(delayed(fn)(item) for item in items))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.__exit__(None, None, None)
+            self.pool = None
+
+
 # ---------------------------------------------------------------- the reference
 
 
@@ -409,6 +439,7 @@ class LimitPeer(Peer):
         from .limit import LimitPool
 
         self.pool = LimitPool(workers, max_tasks=max_tasks)
+        self.workers = workers
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.pool.submit(fn, *args)
@@ -421,6 +452,12 @@ class LimitPeer(Peer):
         if not handle.ok:
             raise handle.value
         return handle.value
+
+    def shared_map(self, arrays: Sequence[Any]) -> list[Any]:
+        """S8's reference: arrays copied into shared memory, children write results into more of it."""
+        from .limit import shared_memory_double
+
+        return shared_memory_double(arrays, self.workers)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], deadline: float) -> list[Any]:
         try:
@@ -444,13 +481,14 @@ _ALL: tuple[type[Peer], ...] = (
     PebblePeer,
     BilliardPeer,
     MpirePeer,
+    JoblibPeer,
     LimitPeer,
     PoolkitForkserverPeer,
     PoolkitSpawnPeer,
 )
 PEERS: dict[str, type[Peer]] = {cls.name: cls for cls in _ALL}
 # The default run: poolkit (fork), the peers of docs/mission.md, and the reference.
-DEFAULT_PEERS: tuple[str, ...] = tuple(cls.name for cls in _ALL[:10])
+DEFAULT_PEERS: tuple[str, ...] = tuple(cls.name for cls in _ALL[:11])
 # Where each peer's version comes from (importlib.metadata distribution names).
 DISTRIBUTIONS: dict[str, str | None] = {
     "poolkit": "poolkit",
@@ -464,6 +502,7 @@ DISTRIBUTIONS: dict[str, str | None] = {
     "pebble": "Pebble",
     "billiard": "billiard",
     "mpire": "mpire",
+    "joblib": "joblib",
     "limit": None,
 }
 

@@ -253,6 +253,7 @@ _SHORT = {
     "S5": "cold start",
     "S6": "leaky jobs: peak RSS",
     "S7": "10 MiB payloads",
+    "S8": "numpy arrays",
 }
 
 

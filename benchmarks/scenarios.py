@@ -1,4 +1,4 @@
-"""Scenarios S1-S7 of docs/mission.md, written once against the :class:`~benchmarks.peers.Peer` interface.
+"""Scenarios S1-S8 of docs/mission.md, written once against the :class:`~benchmarks.peers.Peer` interface.
 
 Each scenario opens the pool itself (so it chooses the recycling limit),
 measures with ``time.perf_counter`` around the part it names, checks the
@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 
 from . import jobs
-from .peers import Hang, LokyPeer, Peer, PoolkitPeer
+from .peers import Hang, LimitPeer, LokyPeer, MpirePeer, Peer, PoolkitPeer
 
 __all__ = ["SCENARIOS", "WORKERS", "Scenario"]
 
@@ -216,6 +216,44 @@ def s7_payloads(peer: Peer, p: dict[str, Any], deadline: float) -> dict[str, Any
     return {"value": count * size / MiB / seconds, "seconds": seconds, "count": count}
 
 
+def s8_arrays(peer: Peer, p: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """``map(double, arrays)``: each array goes to a worker and an array of its size comes back."""
+    import resource
+
+    import numpy as np
+
+    count, size = p["count"], p["size"]
+    arrays = [np.full(size // 8, float(i)) for i in range(count)]
+    # mpire's map unpacks an item that is iterable into arguments: one 1-tuple per array.
+    items: list[Any] = [(a,) for a in arrays] if isinstance(peer, MpirePeer) else arrays
+    peer.open(WORKERS)
+    # Warmed through map, the only call every peer has (joblib has no submit).
+    if peer.map(jobs.square, list(range(2 * WORKERS)), deadline) != [i * i for i in range(2 * WORKERS)]:
+        raise RuntimeError("warm-up map returned wrong results")
+    start = time.perf_counter()
+    if isinstance(peer, LimitPeer):
+        out = peer.shared_map(arrays)
+    else:
+        out = peer.map(jobs.double, items, deadline)
+    seconds = time.perf_counter() - start
+    # The caller's peak RSS over its life (this process runs one measurement):
+    # the arrays it made, the results it holds, and whatever the pool needed.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    held = 2 * count * size
+    if len(out) != count or any(
+        o.shape != a.shape or o[0] != 2.0 * i or o[-1] != 2.0 * i for i, (o, a) in enumerate(zip(out, arrays, strict=True))
+    ):
+        raise RuntimeError("map returned wrong arrays")
+    return {
+        "value": 2 * count * size / MiB / seconds,
+        "seconds": seconds,
+        "count": count,
+        "caller_peak_rss_mib": peak / MiB,
+        "held_mib": held / MiB,
+        "peak_over_held": peak / held,
+    }
+
+
 _LEAK = {"leak": 20 * MiB, "per_child": 5, "hold": 0.05, "interval": 0.005, "memory_limit": "100MiB"}
 
 SCENARIOS: dict[str, Scenario] = {
@@ -281,6 +319,14 @@ SCENARIOS: dict[str, Scenario] = {
             True,
             {"full": {"size": 10 * MiB, "count": 40}, "quick": {"size": 10 * MiB, "count": 8}},
             s7_payloads,
+        ),
+        Scenario(
+            "S8",
+            "map(double, arrays) over numpy float64 arrays, MiB moved in and out",
+            "MiB/s",
+            True,
+            {"full": {"size": 64 * MiB, "count": 8}, "quick": {"size": 8 * MiB, "count": 4}},
+            s8_arrays,
         ),
     )
 }
