@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from . import wire
 
-__all__ = ["SLOTS", "Enforcer", "JobWatch", "LimitArea", "counted_memory"]
+__all__ = ["SLOTS", "Enforcer", "JobWatch", "LimitArea", "anon_share", "counted_memory", "memory_over"]
 
 # seq of the running watched job (0: none), its deadline (time.monotonic(); 0.0: none)
 SLOT = struct.Struct("<Qd")
@@ -157,8 +157,8 @@ class Enforcer:
             if deadline:
                 soonest = min(soonest, deadline)
             if check_memory and memory_limit is not None:
-                rss = _rss(pid)
-                if rss > memory_limit:
+                rss = memory_over(_rss(pid), memory_limit, pid)
+                if rss:
                     self.signal_group(pid, signal.SIGKILL)
                     self.kill_at[pid] = _NEVER
                     self._acted(worker_id, pid, seq, wire.LIMIT_MEMORY, rss)
@@ -174,19 +174,58 @@ class Enforcer:
 
 
 def counted_memory(statm: bytes) -> int:
-    """The memory the limits count, from ``/proc/PID/statm``: resident pages that are not shared file or shmem pages.
+    """A worker's anonymous resident memory (``RssAnon``), from ``/proc/PID/statm``: the cheap first look.
 
-    That is the process's anonymous resident memory (``RssAnon``): its heap,
+    Resident pages less those of shared files and shared memory: its heap,
     what a job allocates and writes, and the pages it writes in a private
     mapping of a shared-memory argument (each becomes a private copy). Pages
     it only maps and reads, such as a large argument in shared memory, and
     the file pages of code and libraries, are left out: they are not the
     worker's to free, and every process that maps them shares one copy.
-    The same file as RSS, so a sample costs what reading RSS costs
-    (``smaps_rollup`` would walk every mapping).
+    Read from the same file as RSS, so a sample costs what reading RSS costs.
+
+    It still counts, in full, the anonymous pages a forked worker shares with
+    the template and your process since the fork (a large array your program
+    held when the pool started): hence ``memory_over``.
     """
     fields = statm.split()
     return (int(fields[1]) - int(fields[2])) * _PAGE
+
+
+def anon_share(pid: int | str) -> int:
+    """The worker's proportional share of anonymous memory (``Pss_Anon``), from ``/proc/PID/smaps_rollup``.
+
+    A page the worker alone holds counts in full; a page it still shares with
+    N processes since a fork (the template, your process, its siblings)
+    counts 1/N. About 15 times the cost of ``statm`` (the kernel walks every
+    mapping), so it is read only when the cheap figure is over a limit.
+    0 when it cannot be read (a kernel before 5.7 has no ``Pss_Anon``).
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
+            for line in rollup:
+                if line.startswith(b"Pss_Anon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def memory_over(cheap: int, limit: int, pid: int | str) -> int:
+    """The worker's memory if it is over ``limit``, else 0: the one rule both memory limits use.
+
+    ``cheap`` is ``counted_memory`` (RssAnon), an upper bound of what the
+    worker owns; under the limit, that settles it at no extra cost. Over it,
+    the figure that decides is ``anon_share``, so that memory inherited from
+    your process and still shared (counted once per process by RssAnon) does
+    not retire or kill every worker of a pool started by a large program.
+    """
+    if cheap <= limit:
+        return 0
+    share = anon_share(pid)
+    if share == 0:
+        return cheap  # no smaps_rollup: the cheap figure is all there is
+    return share if share > limit else 0
 
 
 def _rss(pid: int) -> int:

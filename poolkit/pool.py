@@ -59,10 +59,10 @@ class Pool(Executor):
         recycle_jitter: 0..1; retire up to this fraction earlier, at random, so
             that workers started together do not all retire together.
         max_memory_per_child: retire a worker whose memory after a job is above
-            this (bytes, or ``"512MiB"``). Memory here and below is the resident
-            memory that is the worker's own (``RssAnon``): pages it only maps
-            from shared memory (large arguments) do not count, pages a job
-            writes do.
+            this (bytes, or ``"512MiB"``). Memory here and below is the worker's
+            own anonymous resident memory: pages it only maps from shared memory
+            (large arguments) do not count, pages a job writes do, and pages
+            still shared with your process since a fork count as a share.
         memory_limit_per_child: kill a worker whose memory goes above this *while*
             a job runs; that job fails with [`MemoryLimitExceeded`][poolkit.MemoryLimitExceeded].
         memory_check_interval: seconds between two samples of a busy worker's

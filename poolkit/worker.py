@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 from . import context, share, shm, wire
 from .config import WorkerConfig
 from .isolation import Baseline
-from .limits import JobWatch, counted_memory, map_area
+from .limits import JobWatch, counted_memory, map_area, memory_over
 from .serialization import dumps, dumps_error, format_exception, loads
 
 __all__ = ["load_config", "main", "rehearse", "serve", "worker_socket"]
@@ -397,10 +397,11 @@ def _serve(
                 # leaving now saves it a round trip per recycled worker.
                 _finalize(config)
                 _exit(0)
-            if limit is not None and memory.rss() > limit:
+            over = 0 if limit is None else memory_over(memory.rss(), limit, "self")
+            if over:
                 # Too big to take another job: leave now; unstarted jobs stay
                 # unanswered and the pool re-queues them.
-                channel.send(wire.encode_retiring(memory.rss()))
+                channel.send(wire.encode_retiring(over))
                 _finalize(config)
                 _exit(0)
         elif kind == wire.Kind.SHARE:

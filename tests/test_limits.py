@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import recycle_jobs as jobs
-from recycle_jobs import live_workers, pid_alive, wait_ready, wait_until
+from recycle_jobs import MiB, live_workers, pid_alive, wait_ready, wait_until
 
 import poolkit
 
@@ -243,6 +243,42 @@ def test_retired_counts_every_reason(tmp_path: Path, leak_check: object) -> None
     assert stats.timed_out == 1
     assert stats.cancelled == 1
     assert len(live_workers(stats)) == 1
+
+
+def _own_anon() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_memory_inherited_from_a_large_caller_counts_as_a_share(leak_check: object) -> None:
+    """A forked worker shares the caller's pages since the fork: they must not retire or kill it.
+
+    Every worker of a pool started by a program holding a large array maps
+    that array; counted in full (RssAnon, RSS), each worker would be over a
+    limit the program set for what its jobs use, and be recycled after every
+    job. Counted as a share of the pages held with the template and the
+    caller, it is not; what a job allocates still counts in full.
+    """
+    held = bytearray(b"\x01") * (240 * MiB)  # every page written: resident in this process
+    limit = int(_own_anon() * 0.7)  # under what each worker maps, over its share of it
+    with poolkit.Pool(1, start_method="fork", max_memory_per_child=limit) as pool:
+        pids = {pool.submit(jobs.pid_of, i).result(timeout=60)[1] for i in range(4)}
+        assert len(pids) == 1, "the worker was retired for memory although its jobs allocated nothing"
+        leaker = pool.submit(jobs.leak, limit // MiB + 20).result(timeout=60)[0]
+        after = pool.submit(jobs.pid_of, "next").result(timeout=60)[1]
+        assert leaker in pids and after != leaker  # what a job keeps still counts
+        assert pool.stats().retired.get("memory") == 1
+    with poolkit.Pool(
+        1, start_method="fork", memory_limit_per_child=limit, memory_check_interval=0.01
+    ) as pool:
+        pids = {pool.submit(jobs.sleep_then_pid, 0.2).result(timeout=60) for _ in range(3)}
+        assert len(pids) == 1, "a job that allocated nothing was killed for memory"
+        with pytest.raises(poolkit.MemoryLimitExceeded):  # what a job allocates still counts
+            pool.submit(jobs.allocate_gradually, limit // MiB + 100, 20).result(timeout=60)
+    del held
 
 
 # ----------------------------------------------------------------- bad values
