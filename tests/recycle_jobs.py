@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import poolkit
+from poolkit import context
 
 MiB = 1024 * 1024
 
@@ -189,7 +190,9 @@ def burn_cpu(seconds: float) -> tuple[float, float]:
 
 
 def _poolkit_env() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if key.startswith("POOLKIT_")}
+    """The job variables poolkit sets (others named POOLKIT_*, a user's or CI's, are not its)."""
+    names = (context.ENV_JOB_ID, context.ENV_JOB_TYPE, context.ENV_WORKER_ID)
+    return {key: value for key, value in os.environ.items() if key in names}
 
 
 def describe_context(timeout_seen: bool = False) -> dict[str, Any]:

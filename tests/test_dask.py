@@ -70,7 +70,7 @@ def whoami() -> dict[str, Any]:
         "job_type": ctx.job_type,
         "worker_id": ctx.worker_id,
         "attempt": ctx.attempt,
-        "env": {k: v for k, v in os.environ.items() if k.startswith("POOLKIT_")},
+        "env": {k: v for k, v in os.environ.items() if k.startswith("POOLKIT_JOB") or k == "POOLKIT_WORKER_ID"},
         "pid": os.getpid(),
     }
 
