@@ -7,6 +7,7 @@ plus ``psutil`` for what happens to processes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pickle
 import signal
@@ -368,7 +369,9 @@ def test_a_job_never_waits_behind_a_long_one_while_a_worker_is_idle(
         try:
             quick = [pool.submit(jobs.value_and_pid, i) for i in range(3)]
             # Each of these must run on the idle worker now, not after the long job.
-            assert [f.result(timeout=10)[0] for f in quick] == [0, 1, 2]
+            done, _ = concurrent.futures.wait(quick, timeout=30)
+            assert len(done) == 3, f"waiting behind the long job: {quick}, busy on {busy.worker_id}, {pool.stats()}"
+            assert [f.result()[0] for f in quick] == [0, 1, 2]
             assert all(f.worker_id != busy.worker_id for f in quick)
         finally:
             go.touch()
