@@ -417,18 +417,13 @@ def _make_pool(args: argparse.Namespace) -> Any:
 
 
 def _detach_worker_streams() -> None:
-    """Initializer of ``poolkit run``'s workers: stdin from ``/dev/null``, stdout onto stderr.
+    """Initializer of ``poolkit run``'s workers: stdout onto stderr.
 
-    A worker inherits the command's descriptors: a job that read stdin would
-    take input lines meant for ``poolkit run`` (one ``readline`` swallowed a
-    buffer of them), and one that printed would write into the JSON lines on
-    stdout. The descriptors themselves are replaced, so that C code and
-    subprocesses of a job are covered too.
+    A worker inherits the command's descriptors: a job that printed would
+    write into the JSON lines on stdout. The descriptor itself is replaced,
+    so that C code and subprocesses of a job are covered too. (Every pool's
+    workers read stdin from ``/dev/null``: ``template.stdin_from_devnull``.)
     """
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - fd 0 lives as long as the worker
     if sys.stdout is not None:
         with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()

@@ -53,7 +53,7 @@ from .worker import serve as serve_worker
 # to enums (see become_worker). Untyped: typeshed has no stub for it.
 _signal: Any = importlib.import_module("_signal")
 
-__all__ = ["main", "neutralize_inherited_fds", "serve", "serve_forked"]
+__all__ = ["main", "neutralize_inherited_fds", "serve", "serve_forked", "stdin_from_devnull"]
 
 
 def _exit_code(status: int) -> int:
@@ -334,6 +334,7 @@ def _first_worker(
     """A worker forked by a fork template before its set-up; never returns."""
     try:
         neutralize_inherited_fds(inherited, keep={fd})
+        stdin_from_devnull()
         for other in area.template_only_fds():
             os.close(other)
         gc.freeze()  # as the template does before later forks (see serve)
@@ -380,6 +381,7 @@ def serve_forked(
         for _, _, fd in first:
             os.close(fd)
         neutralize_inherited_fds(inherited, keep={control.fileno()})
+        stdin_from_devnull()
         _die_with(parent_pid)
     except BaseException:
         import traceback
@@ -450,6 +452,23 @@ def neutralize_inherited_fds(poolkit_fds: Sequence[int], keep: set[int]) -> None
         except OSError:
             pass
     os.close(null)
+
+
+def stdin_from_devnull() -> None:
+    """In a process forked from the pool's: stdin from ``/dev/null``, as the standard library's workers have it.
+
+    A forked worker shares your program's stdin: a job that read it would take
+    the input your program is reading (a ``readline`` takes a whole buffer
+    of it). The descriptor itself is replaced, not only ``sys.stdin``, so C
+    code and the subprocesses of a job read end of file too. Templates
+    started as new interpreters (forkserver, spawn) get ``/dev/null`` when
+    they start.
+    """
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    if devnull != 0:
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - fd 0 lives as long as the process
 
 
 def serve(

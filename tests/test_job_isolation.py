@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import isolation_jobs as jobs
 import pytest
-from conftest import START_METHODS, wait_for_file, wait_until
+from conftest import START_METHODS, python_env, wait_for_file, wait_until
 
 import poolkit
 from poolkit.worker import rehearse
@@ -164,3 +165,35 @@ def test_the_rehearsal_leaves_armed_timers_and_handlers_alone() -> None:
     finally:
         signal.setitimer(signal.ITIMER_VIRTUAL, 0)
         signal.signal(signal.SIGUSR1, previous)
+
+
+_STDIN_SCRIPT = """
+import os, sys
+import poolkit
+
+def read_stdin(_):
+    return sys.stdin.read(5), os.read(0, 5)
+
+if __name__ == "__main__":
+    with poolkit.Pool(1, start_method=sys.argv[1]) as pool:
+        print(repr(pool.submit(read_stdin, 0).result(timeout=60)))
+    print(repr(sys.stdin.read()))
+"""
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_job_reads_end_of_file_from_stdin_and_the_caller_keeps_its_input(
+    tmp_path: Path, start_method: str
+) -> None:
+    script = tmp_path / "stdin_script.py"
+    script.write_text(_STDIN_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), start_method],
+        input="parent-data\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=python_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["('', b'')", "'parent-data\\n'"]
