@@ -355,7 +355,10 @@ def resolve_function(spec: str) -> Callable[..., Any]:
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)  # as 'python -m' does: the user's modules are usually here
     try:
-        module = importlib.import_module(module_name)
+        # What the module prints as it is imported goes to stderr, as a job's prints do:
+        # stdout carries the JSON lines.
+        with contextlib.redirect_stdout(sys.stderr):
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if missing and (module_name == missing or module_name.startswith(missing + ".")):

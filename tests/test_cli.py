@@ -690,3 +690,11 @@ def test_the_ctrl_c_summary_counts_no_recycled_workers(tmp_path: Path) -> None:
     stderr = (tmp_path / "stderr.txt").read_text()
     assert re.search(r"workers recycled: 0\n", stderr), stderr
     assert "terminated" not in stderr
+
+
+def test_a_module_that_prints_when_imported_keeps_stdout_to_json_lines(tmp_path: Path) -> None:
+    for method in ("fork", "spawn"):
+        done = run_cli(["run", "cli_noisy_jobs:double", "--start-method", method, "-q"], tmp_path, stdin="1\n2\n")
+        assert done.returncode == 0, done.stderr
+        assert sorted(json.loads(line)["result"] for line in done.stdout.splitlines()) == [2, 4]
+        assert "noisy module imported" in done.stderr
