@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeVar
 
 from .errors import JobTimeout, WorkerCrashed
 from .futures import JobFuture, cancel_all
-from .job_progress import ProgressArg, Tracker, check_progress, make_tracker, total_of
+from .job_progress import Judge, ProgressArg, Tracker, check_progress, make_tracker, total_of
 from .serialization import attach_remote_traceback, dumps_error, loads
 
 if TYPE_CHECKING:
@@ -243,9 +243,31 @@ class _OrderedFeeder:
                 self.in_flight += 1
                 self.chunks.append((future, start, len(chunk)))
                 if self.tracker is not None:
-                    self.tracker.watch(future, len(chunk))
+                    self.tracker.watch(future, len(chunk), self.judge(len(chunk)))
                 future.add_done_callback(functools.partial(self._done, count=len(chunk)))
             self.cond.notify_all()
+
+    def judge(self, count: int) -> Judge:
+        """How a chunk of ``count`` inputs counts for ``progress=``: what the caller will see of it."""
+        rerun = count > 1 and self.as_if_one_per_job
+
+        def verdict(future: Future[Any]) -> tuple[int, int, int]:
+            if future.cancelled():
+                return 0, 0, count
+            error = future.exception()
+            if error is not None:
+                if rerun and isinstance(error, WorkerCrashed):
+                    return 0, 0, 0  # its inputs run again one per job (_chunk_results): they settle then
+                return 0, count, 0
+            value = future.result()
+            if not isinstance(value, ChunkStopped):
+                return count, 0, 0
+            if not self.as_if_one_per_job:
+                return 0, count, 0  # the caller's own chunksize: a failing chunk fails whole
+            done = len(value.results)
+            return done, 1, count - done - 1  # map stops at the failure: the rest never runs
+
+        return verdict
 
     def submit(self, start: int, count: int, *, accepted_before_shutdown: bool) -> Future[Any]:
         """Submit the inputs ``start .. start + count - 1`` as one job, named after them in errors."""
@@ -405,8 +427,8 @@ def _chunk_results(
         return results, error
     runs = [feeder.submit(start + i, 1, accepted_before_shutdown=True) for i in range(count)]
     if feeder.tracker is not None:
-        for run in runs:  # running while a worker holds it; the crashed chunk settled these inputs
-            feeder.tracker.watch(run, 1, settles=False)
+        for run in runs:
+            feeder.tracker.watch(run, 1, feeder.judge(1))
     results = []
     try:
         for run in runs:
@@ -847,7 +869,8 @@ def _batch_loop(
         nonlocal next_index
         if tracker is not None:
             for outcome in batch:  # each outcome is final here: retried inputs are not in it
-                tracker.settle(ok=outcome.ok)
+                if outcome.error != "Cancelled":  # a cancelled job's inputs: counted when it was cancelled
+                    tracker.settle(ok=outcome.ok)
         if not ordered:
             yield from batch
             return

@@ -26,6 +26,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -40,9 +41,11 @@ from .progress import format_duration, format_eta
 __all__ = [
     "CALLBACK_INTERVAL",
     "PLAIN_INTERVAL",
+    "Judge",
     "ProgressArg",
     "ProgressCounts",
     "Tracker",
+    "all_or_nothing",
     "check_progress",
     "make_tracker",
     "total_of",
@@ -66,10 +69,11 @@ class ProgressCounts:
         label: what runs (``"map"``, ``"imap_unordered"``, ``"batch"``).
         total: the number of inputs, or None while an input stream's length is unknown.
         done: inputs finished with a result.
-        failed: inputs finished with an error (in ``batch``: after their last attempt),
-            or cancelled.
+        failed: inputs finished with an error (in ``batch``: after their last attempt).
         running: jobs of this run a worker holds now (in ``map`` one job may
             carry a chunk of several inputs).
+        cancelled: inputs that will not run: cancelled, or left behind when
+            the caller stopped reading (a ``map`` stops at its first error).
         elapsed: seconds since the run started.
         finished: True in the last call, once the run is over (or abandoned).
     """
@@ -81,6 +85,7 @@ class ProgressCounts:
     running: int
     elapsed: float
     finished: bool = False
+    cancelled: int = 0
 
     @property
     def settled(self) -> int:
@@ -104,16 +109,36 @@ class ProgressCounts:
         """The counts as one plain line."""
         if self.total:
             share = f"{self.settled}/{self.total} ({100.0 * self.settled / self.total:.1f}%)"
+        elif self.total == 0:
+            share = "0/0"
         else:
             share = f"{self.settled}/?"
+        cancelled = f", {self.cancelled} cancelled" if self.cancelled else ""
         left = f", {format_eta(self.eta)} left" if self.total is not None and not self.finished else ""
         return (
-            f"poolkit {self.label}: {share} settled, {self.done} done, {self.failed} failed, "
+            f"poolkit {self.label}: {share} settled, {self.done} done, {self.failed} failed{cancelled}, "
             f"{self.running} running, {self.rate:.1f}/s, elapsed {format_duration(self.elapsed)}{left}"
         )
 
 
 ProgressArg: TypeAlias = "bool | Callable[[ProgressCounts], object] | None"
+
+#: How a finished job's inputs count: (done, failed, cancelled). Inputs in none
+#: of the three are not settled yet (a run that will send them again).
+Judge: TypeAlias = "Callable[[Future[Any]], tuple[int, int, int]]"
+
+
+def all_or_nothing(inputs: int) -> Judge:
+    """The judge of a job whose inputs share its fate: all done, all failed, or all cancelled."""
+
+    def judge(future: Future[Any]) -> tuple[int, int, int]:
+        if future.cancelled():
+            return 0, 0, inputs
+        if future.exception() is not None:
+            return 0, inputs, 0
+        return inputs, 0, 0
+
+    return judge
 
 
 def check_progress(progress: object) -> None:
@@ -174,10 +199,17 @@ class _Calls(_Sink):
             return
         try:
             fn(counts)
-        except Exception:
-            # The jobs are not at fault: they go on; the caller learns why the calls stopped.
+        except Exception as exc:
+            # The jobs are not at fault: they go on. The caller learns why the calls
+            # stopped from a warning (shown by default) and the log (with the traceback).
             self.fn = None
             _log.exception("the progress callable %r raised; it will not be called again", fn)
+            warnings.warn(
+                f"the progress callable {fn!r} raised {exc!r}; it will not be called again "
+                "(the run goes on)",
+                RuntimeWarning,
+                stacklevel=1,
+            )
 
 
 class _Column(ProgressColumn):
@@ -248,10 +280,11 @@ class Tracker:
     """The counts of one run and the reporter thread that shows them.
 
     ``watch`` is called by the run for every job it submits; the job's done
-    callback (the manager thread) settles its inputs, unless the run says it
-    settles them itself (``batch``, which may retry a failed job). ``close``
-    is called once the run is over or abandoned; it shows the last counts and
-    joins the thread.
+    callback (the manager thread) settles its inputs as its judge says, unless
+    the run settles them itself (``batch``, which may retry a failed job).
+    ``close`` is called once the run is over or abandoned; it shows the last
+    counts and joins the thread. With the total known, the thread also ends
+    once every input is settled or cancelled.
     """
 
     def __init__(self, label: str, total: int | None, make_sink: Callable[[Tracker], _Sink]) -> None:
@@ -261,6 +294,7 @@ class Tracker:
         self._lock = threading.Lock()
         self._done = 0
         self._failed = 0
+        self._cancelled = 0
         self._in_flight: dict[int, Future[Any]] = {}
         self._closed = threading.Event()
         self._sink = make_sink(self)
@@ -269,38 +303,44 @@ class Tracker:
 
     # -------------------------------------------------------- the run's side
 
-    def watch(self, future: Future[Any], inputs: int, *, settles: bool = True) -> None:
-        """Count ``future`` as running while a worker holds it; settle ``inputs`` when it ends."""
+    def watch(self, future: Future[Any], inputs: int, judge: Judge | None = None, *, settles: bool = True) -> None:
+        """Count ``future`` as running while a worker holds it; when it ends, settle its inputs.
+
+        ``judge`` says how they count (default: ``all_or_nothing``);
+        ``settles=False``: the run settles them itself.
+        """
         key = id(future)
         with self._lock:
             self._in_flight[key] = future
+        verdict = judge if judge is not None else all_or_nothing(inputs)
 
         def ended(f: Future[Any]) -> None:
             with self._lock:
                 self._in_flight.pop(key, None)
             if settles:
-                self.settle(ok=not f.cancelled() and f.exception() is None, inputs=inputs)
+                self._add(*verdict(f))
+            elif f.cancelled():
+                self._add(0, 0, inputs)
 
         future.add_done_callback(ended)
 
     def settle(self, *, ok: bool, inputs: int = 1) -> None:
         """``inputs`` more inputs are finished, with a result or not."""
+        self._add(inputs if ok else 0, 0 if ok else inputs, 0)
+
+    def _add(self, done: int, failed: int, cancelled: int) -> None:
         with self._lock:
-            if ok:
-                self._done += inputs
-            else:
-                self._failed += inputs
-            settled = self._done + self._failed
-        if self.total is not None and settled >= self.total:
+            self._done += done
+            self._failed += failed
+            self._cancelled += cancelled
+            accounted = self._done + self._failed + self._cancelled
+        if self.total is not None and accounted >= self.total:
             self._closed.set()  # all in: the reporter shows the end and leaves
 
     def set_total(self, total: int) -> None:
         """The input stream ended: now the total is known."""
         self.total = total
-        with self._lock:
-            settled = self._done + self._failed
-        if settled >= total:
-            self._closed.set()
+        self._add(0, 0, 0)
 
     def close(self) -> None:
         """The run is over or abandoned: show the last counts, end the thread."""
@@ -322,6 +362,7 @@ class Tracker:
                 running=running,
                 elapsed=time.monotonic() - self._started,
                 finished=self._closed.is_set(),
+                cancelled=self._cancelled,
             )
 
     def _report(self) -> None:

@@ -510,3 +510,10 @@ def square_or_crash_once(x: int, directory: str) -> int:
     if x == 7:
         raise ValueError("seven")
     return x * x
+
+
+def fail_at(x: int, bad: int) -> int:
+    """``x``, except that input ``bad`` raises ValueError."""
+    if x == bad:
+        raise ValueError(f"input {x} is bad")
+    return x
