@@ -145,6 +145,13 @@ resuming:
   and the "not_run" records of an interrupted run are dropped and redone.
   OUTPUT missing: the run starts from the beginning.
 
+exit status:
+  0 every input succeeded (or --allow-failures); 1 some input failed (with
+  --resume, also one whose failure is kept from the earlier run); 2 a usage
+  error, or a run refused before it started (a changed input under --resume,
+  an output another run is writing, -o naming the input file); 130
+  interrupted (Ctrl-C); 143 terminated (SIGTERM)
+
 examples:
   poolkit run mymod:score inputs.jsonl -o out.jsonl --workers 4
   printf '[1, 2]\\n[3, 4]\\n' | poolkit run operator:add --star

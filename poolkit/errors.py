@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pickle
 import signal
-from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
 __all__ = [
@@ -165,11 +164,13 @@ class JobTimeout(PoolkitError, TimeoutError):
     """The job ran past its timeout; its worker was stopped and replaced."""
 
 
-class BrokenPool(BrokenExecutor, PoolkitError):
+class BrokenPool(BrokenProcessPool, PoolkitError):
     """The pool cannot run jobs any more (for example, the initializer failed).
 
     Like the standard library, a failing initializer breaks the pool instead
-    of respawning workers that fail the same way forever.
+    of respawning workers that fail the same way forever. It is the standard
+    library's ``BrokenProcessPool`` (so a ``BrokenExecutor``), so code written
+    for ``concurrent.futures.ProcessPoolExecutor`` catches it.
     """
 
 
