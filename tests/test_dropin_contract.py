@@ -258,7 +258,9 @@ def test_submit_after_interpreter_shutdown_is_refused(tmp_path: Path) -> None:
 
 def test_a_failing_initializer_breaks_the_pool_with_the_stdlibs_error() -> None:
     """Code written for the standard library catches BrokenProcessPool; poolkit's BrokenPool is one."""
-    with poolkit.ProcessPoolExecutor(1, initializer=jobs.init_fail) as pool:
-        with pytest.raises(BrokenProcessPool) as caught:
-            pool.submit(jobs.square, 3).result(timeout=60)
+    with (
+        poolkit.ProcessPoolExecutor(1, initializer=jobs.init_fail) as pool,
+        pytest.raises(BrokenProcessPool) as caught,
+    ):
+        pool.submit(jobs.square, 3).result(timeout=60)
     assert isinstance(caught.value, poolkit.BrokenPool)
