@@ -517,3 +517,13 @@ def fail_at(x: int, bad: int) -> int:
     if x == bad:
         raise ValueError(f"input {x} is bad")
     return x
+
+
+def report_after(go: str, values: list[Any], timeout: float = 60.0) -> int:
+    """Wait for the file ``go`` (the caller's callbacks are in place), then ``report_then(values)``."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{go} never appeared")
+        time.sleep(0.005)
+    return report_then(values)

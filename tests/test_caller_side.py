@@ -446,11 +446,14 @@ def test_stats_from_a_done_callback_answers(leak_check: LeakCheck) -> None:
     assert seen[0].done >= 1
 
 
-def test_stats_from_a_progress_callback_answers() -> None:
+def test_stats_from_a_progress_callback_answers(tmp_path: Path) -> None:
     seen: list[int] = []
+    go = tmp_path / "go"
     with poolkit.Pool(1) as pool:
-        future = pool.submit(jobs.report_then, [1, 2, 3])
+        # The job reports only once the callback is in place: values sent before are not replayed.
+        future = pool.submit(jobs.report_after, str(go), [1, 2, 3])
         future.add_progress_callback(lambda f, value: seen.append(pool.stats().submitted))
+        go.touch()
         assert future.result(timeout=30) == 3
     assert seen, "progress arrived and stats() answered inside the callback"
 
