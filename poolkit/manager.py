@@ -34,7 +34,6 @@ re-queued, never failed.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import selectors
@@ -49,7 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
-from . import share, shm, watchdog, wire
+from . import share, shm, watchdog, wire, worker_channel
 from .config import PoolConfig
 from .dispatch import Dispatcher
 from .errors import (
@@ -752,24 +751,9 @@ class Manager:
 
     def _read_worker(self, worker: Worker, now: float) -> bool:
         """Read once; True if data came (more may wait), False on would-block or end of stream."""
-        reader = worker.reader
-        try:
-            direct = reader.wants_direct()
-            if direct is not None:
-                n, ancillary, _, _ = worker.sock.recvmsg_into([direct], shm.ANCILLARY, shm.RECV_FLAGS)
-                if n:
-                    reader.filled_direct(n)
-            else:
-                data, ancillary, _, _ = worker.sock.recvmsg(1 << 22, shm.ANCILLARY, shm.RECV_FLAGS)
-                n = len(data)
-                if n:
-                    reader.feed(data)
-            if ancillary:
-                shm.take_fds(ancillary, worker.fds)
-        except (BlockingIOError, InterruptedError):
+        n = worker_channel.receive(worker)
+        if n == worker_channel.WOULD_BLOCK:
             return False
-        except OSError:
-            n = 0
         if n == 0:
             self._worker_eof(worker, now)
             return False
@@ -1061,35 +1045,13 @@ class Manager:
             self._flush(worker)
 
     def _flush(self, worker: Worker) -> None:
-        outbox = worker.outbox
-        sock = worker.sock
-        while outbox:
-            try:
-                parts = list(itertools.islice(outbox, 0, 512))
-                if worker.attached:
-                    sent = shm.send_attached(sock, parts, worker.attached)
-                else:
-                    sent = sock.sendmsg(parts)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                worker.drop_outbox()  # the worker is gone; its exit notice will follow
-                break
-            while sent:
-                first = outbox[0]
-                size = len(first)
-                if sent >= size:
-                    outbox.popleft()
-                    sent -= size
-                else:
-                    outbox[0] = memoryview(first)[sent:]
-                    sent = 0
-        wants_write = bool(outbox)
+        worker_channel.send(worker)
+        wants_write = bool(worker.outbox)
         if wants_write != worker.wants_write and not worker.eof:
             worker.wants_write = wants_write
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wants_write else 0)
             with contextlib.suppress(KeyError, ValueError):
-                self._selector.modify(sock, events, worker)
+                self._selector.modify(worker.sock, events, worker)
 
     # ------------------------------------------------------------ endings
 

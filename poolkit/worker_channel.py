@@ -1,0 +1,87 @@
+"""The parent's side of a worker's socket: bytes in, frames out, nothing decided.
+
+The manager thread owns every worker's socket; this module is how it reads
+from one and writes to one. ``receive`` reads once into the worker's frame
+reader (straight into a large frame's own buffer when one is being read,
+and taking the descriptors of shared-memory regions that come with
+results); ``send`` writes the worker's outbox as far as the socket takes it
+(frames that carry a region send its descriptor with their first byte).
+What the bytes mean, and what an end of stream means, is the manager's
+business: it reads the frames and reacts.
+
+Both run without blocking: the sockets are non-blocking and the manager's
+``select`` says when to call again.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from . import shm
+from .worker_table import Worker
+
+__all__ = ["WOULD_BLOCK", "receive", "send"]
+
+WOULD_BLOCK = -1
+"""What ``receive`` returns when nothing is there to read yet."""
+
+_RECV_SIZE = 1 << 22  # one read takes up to 4 MiB: a large result in few system calls
+_SEND_PARTS = 512  # parts per sendmsg: below the kernel's IOV_MAX (1024)
+
+
+def receive(worker: Worker) -> int:
+    """Read once from ``worker``'s socket into its frame reader.
+
+    Returns the number of bytes read, 0 at the end of the stream (the worker
+    closed it, or the socket failed), or ``WOULD_BLOCK``.
+    """
+    reader = worker.reader
+    try:
+        direct = reader.wants_direct()
+        if direct is not None:
+            n, ancillary, _, _ = worker.sock.recvmsg_into([direct], shm.ANCILLARY, shm.RECV_FLAGS)
+            if n:
+                reader.filled_direct(n)
+        else:
+            data, ancillary, _, _ = worker.sock.recvmsg(_RECV_SIZE, shm.ANCILLARY, shm.RECV_FLAGS)
+            n = len(data)
+            if n:
+                reader.feed(data)
+        if ancillary:
+            shm.take_fds(ancillary, worker.fds)
+    except (BlockingIOError, InterruptedError):
+        return WOULD_BLOCK
+    except OSError:
+        return 0
+    return n
+
+
+def send(worker: Worker) -> None:
+    """Write ``worker``'s outbox as far as the socket takes it; what is left stays queued.
+
+    A socket that fails drops the outbox: the worker is gone, and its end of
+    stream and exit status will tell the manager so.
+    """
+    outbox = worker.outbox
+    sock = worker.sock
+    while outbox:
+        try:
+            parts = list(itertools.islice(outbox, 0, _SEND_PARTS))
+            if worker.attached:
+                sent = shm.send_attached(sock, parts, worker.attached)
+            else:
+                sent = sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            worker.drop_outbox()
+            return
+        while sent:
+            first = outbox[0]
+            size = len(first)
+            if sent >= size:
+                outbox.popleft()
+                sent -= size
+            else:
+                outbox[0] = memoryview(first)[sent:]
+                sent = 0
