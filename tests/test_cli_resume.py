@@ -32,6 +32,21 @@ def one_record_per_line(path: Path, inputs: list[Any]) -> dict[int, dict[str, An
     return by_line
 
 
+def start_writing(tmp_path: Path, *, records: int) -> subprocess.Popen[bytes]:
+    """Start a slow run of in.jsonl into out.jsonl; return once it has written ``records`` records."""
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        poolkit_cmd("run", "cli_jobs:slow_square", "in.jsonl", "-o", "out.jsonl", "-w", "2", "-q"),
+        cwd=tmp_path,
+        env=_env(),
+    )
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.read_bytes().count(b"\n") >= records):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)  # polling a file the run writes, with a deadline: not a guess
+    return proc
+
+
 def test_every_record_carries_its_input_hash(tmp_path: Path) -> None:
     write_inputs(tmp_path / "in.jsonl", [1, 2, "x"])
     done = run_cli(["run", "cli_jobs:square", "in.jsonl", "-o", "out.jsonl", "-q"], tmp_path)
@@ -92,15 +107,7 @@ def test_an_interrupted_runs_not_run_records_are_replaced(tmp_path: Path) -> Non
     inputs = list(range(60))
     write_inputs(tmp_path / "in.jsonl", inputs)
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen(
-        poolkit_cmd("run", "cli_jobs:slow_square", "in.jsonl", "-o", "out.jsonl", "-w", "2", "-q"),
-        cwd=tmp_path,
-        env=_env(),
-    )
-    deadline = time.monotonic() + 60
-    while not (out.exists() and out.read_bytes().count(b"\n") >= 5):  # some results are in
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.01)
+    proc = start_writing(tmp_path, records=5)  # some results are in
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     statuses = {r["status"] for r in read_records(out)}
@@ -205,16 +212,8 @@ def test_a_run_cannot_write_where_another_still_writes(tmp_path: Path) -> None:
     inputs = list(range(200))
     write_inputs(tmp_path / "in.jsonl", inputs)
     out = tmp_path / "out.jsonl"
-    first = subprocess.Popen(
-        poolkit_cmd("run", "cli_jobs:slow_square", "in.jsonl", "-o", "out.jsonl", "-w", "2", "-q"),
-        cwd=tmp_path,
-        env=_env(),
-    )
+    first = start_writing(tmp_path, records=2)  # it is writing
     try:
-        deadline = time.monotonic() + 60
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 2):  # it is writing
-            assert time.monotonic() < deadline and first.poll() is None
-            time.sleep(0.01)
         for args in (["--resume", "out.jsonl"], ["-o", "out.jsonl"]):
             second = run_cli(["run", "cli_jobs:square", "in.jsonl", *args], tmp_path)
             assert second.returncode == 2
