@@ -24,12 +24,16 @@ def address_of(obj: Any) -> int:
 
 def region_ranges(pid: int | str = "self") -> list[tuple[int, int]]:
     """The address ranges of this process's poolkit shared-memory mappings."""
-    ranges = []
-    with open(f"/proc/{pid}/maps") as maps:
-        for line in maps:
-            if REGION_NAME in line:
-                start, end = line.split()[0].split("-")
-                ranges.append((int(start, 16), int(end, 16)))
+    ranges: list[tuple[int, int]] = []
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            lines = maps.readlines()
+    except FileNotFoundError:
+        return ranges  # the process has ended: it maps nothing
+    for line in lines:
+        if REGION_NAME in line:
+            start, end = line.split()[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
     return ranges
 
 
@@ -40,9 +44,13 @@ def in_region(obj: Any) -> bool:
 
 def region_fds(pid: int | str = "self") -> list[str]:
     """Descriptors of ``pid`` that point at a poolkit region."""
-    found = []
+    found: list[str] = []
     base = f"/proc/{pid}/fd"
-    for name in os.listdir(base):
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return found  # the process has ended: it holds nothing
+    for name in names:
         try:
             target = os.readlink(f"{base}/{name}")
         except OSError:
