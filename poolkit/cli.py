@@ -41,6 +41,7 @@ from typing import Any, BinaryIO, NoReturn, cast
 
 from . import __version__
 from .batch import PENDING, Outcome, run_batch
+from .durations import format_duration
 from .options import POOL_OPTIONS
 from .pool import Pool
 from .progress import (
@@ -49,7 +50,6 @@ from .progress import (
     RunDisplay,
     RunTally,
     StatsPoller,
-    format_duration,
     make_run_display,
     print_summary,
 )

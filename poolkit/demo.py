@@ -62,10 +62,11 @@ from .demo_jobs import (
     leak,
     open_source_db,
 )
+from .durations import format_duration
 from .errors import JobTimeout, WorkerCrashed, describe_exit
 from .futures import JobFuture
 from .pool import Pool
-from .progress import RecentEvents, format_duration, make_console, print_summary, worker_table
+from .progress import RecentEvents, make_console, print_summary, worker_table
 from .stats import RECYCLING_REASONS, PoolStats
 
 __all__ = ["DemoPlan", "run_demo"]

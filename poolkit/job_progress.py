@@ -4,7 +4,7 @@ A ``Tracker`` counts one run's inputs as they settle (done, failed) and
 how many of its jobs a worker holds (running). One reporter thread,
 ``poolkit-progress``, shows the counts every so often, in one of three ways:
 
-* ``progress=True`` with stderr on a terminal: a live ``rich`` bar
+* ``progress=True`` with stderr on a terminal: a live ``rich`` bar (``progress_bar``)
   (done/total, failed, running, rate, time left), redrawn in place;
 * ``progress=True`` anywhere else (a log file, CI, a notebook, where redraws
   are noise): a plain line on stderr every ``PLAIN_INTERVAL`` seconds and
@@ -32,11 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeAlias
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
-from rich.text import Text
-
-from .progress import format_duration, format_eta
+from .durations import format_duration, format_eta
 
 __all__ = [
     "CALLBACK_INTERVAL",
@@ -44,6 +40,7 @@ __all__ = [
     "Judge",
     "ProgressArg",
     "ProgressCounts",
+    "Sink",
     "Tracker",
     "all_or_nothing",
     "check_progress",
@@ -159,7 +156,7 @@ def total_of(iterable: Iterable[Any]) -> int | None:
         return None
 
 
-class _Sink:
+class Sink:
     """Where the counts go; one per tracker, used by the reporter thread only."""
 
     interval = PLAIN_INTERVAL
@@ -171,7 +168,7 @@ class _Sink:
         """The last ``show`` has happened."""
 
 
-class _Lines(_Sink):
+class _Lines(Sink):
     """A plain line on stderr every ``PLAIN_INTERVAL`` seconds and a last one at the end."""
 
     def __init__(self, stream: TextIO) -> None:
@@ -185,7 +182,7 @@ class _Lines(_Sink):
             pass  # stderr closed under us: progress is not worth failing a run for
 
 
-class _Calls(_Sink):
+class _Calls(Sink):
     """The caller's callable; one that raises is logged once and not called again."""
 
     interval = CALLBACK_INTERVAL
@@ -212,63 +209,9 @@ class _Calls(_Sink):
             )
 
 
-class _Column(ProgressColumn):
-    """Failed, running, rate and time left: the figures rich's own columns do not know."""
-
-    def __init__(self, tracker: Tracker) -> None:
-        super().__init__()
-        self.tracker = tracker
-
-    def render(self, task: Task) -> Text:
-        counts = self.tracker.counts()
-        text = Text()
-        text.append(f"{counts.done} done", style="green")
-        text.append(" · ")
-        text.append(f"{counts.failed} failed", style="red" if counts.failed else "dim")
-        text.append(" · ")
-        text.append(f"{counts.running} running", style="cyan")
-        text.append(f" · {counts.rate:.1f}/s · ")
-        if counts.total is None:
-            text.append(f"elapsed {format_eta(counts.elapsed)}")
-        else:
-            text.append(f"{format_eta(counts.eta)} left")
-        return text
-
-
 #: Held while a bar is live: two bars redrawing one terminal garble each other,
 #: so a run inside a run (or beside one, in a thread) shows plain lines instead.
 _terminal = threading.Lock()
-
-
-class _Bar(_Sink):
-    """A live rich bar on a terminal's stderr; make it only while holding ``_terminal``."""
-
-    interval = BAR_INTERVAL
-
-    def __init__(self, tracker: Tracker, console: Console) -> None:
-        self.progress = Progress(
-            TextColumn(f"[bold]poolkit {tracker.label}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            _Column(tracker),
-            console=console,
-            auto_refresh=False,
-            # The caller's own prints keep their streams: a bar never takes over stdout.
-            redirect_stdout=False,
-            redirect_stderr=False,
-        )
-        self.task = self.progress.add_task(tracker.label, total=tracker.total)
-        self.progress.start()
-
-    def show(self, counts: ProgressCounts) -> None:
-        self.progress.update(self.task, completed=counts.settled, total=counts.total)
-        self.progress.refresh()
-
-    def stop(self) -> None:
-        try:
-            self.progress.stop()
-        finally:
-            _terminal.release()
 
 
 def _in_notebook() -> bool:
@@ -287,7 +230,7 @@ class Tracker:
     once every input is settled or cancelled.
     """
 
-    def __init__(self, label: str, total: int | None, make_sink: Callable[[Tracker], _Sink]) -> None:
+    def __init__(self, label: str, total: int | None, make_sink: Callable[[Tracker], Sink]) -> None:
         self.label = label
         self.total = total
         self._started = time.monotonic()
@@ -373,7 +316,7 @@ class Tracker:
         sink.stop()
 
 
-def _sink_for(progress: bool | Callable[[ProgressCounts], object]) -> Callable[[Tracker], _Sink]:
+def _sink_for(progress: bool | Callable[[ProgressCounts], object]) -> Callable[[Tracker], Sink]:
     if not isinstance(progress, bool):
         fn = progress
         return lambda tracker: _Calls(fn)
@@ -383,10 +326,12 @@ def _sink_for(progress: bool | Callable[[ProgressCounts], object]) -> Callable[[
     except (AttributeError, ValueError):
         terminal = False
 
-    def make(tracker: Tracker) -> _Sink:
+    def make(tracker: Tracker) -> Sink:
         if terminal and not _in_notebook() and _terminal.acquire(blocking=False):
             try:
-                return _Bar(tracker, Console(file=stream, highlight=False))
+                from .progress_bar import LiveBar  # rich is imported only when a bar is shown
+
+                return LiveBar(tracker, stream, _terminal.release)
             except BaseException:
                 _terminal.release()
                 raise

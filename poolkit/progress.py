@@ -38,6 +38,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from .durations import format_duration, format_eta
 from .stats import PoolStats, WorkerInfo
 
 __all__ = [
@@ -48,8 +49,6 @@ __all__ = [
     "RunDisplay",
     "RunTally",
     "StatsPoller",
-    "format_duration",
-    "format_eta",
     "make_console",
     "make_run_display",
     "print_summary",
@@ -67,25 +66,6 @@ def make_console(stream: TextIO | None = None, *, force_terminal: bool | None = 
         force_terminal=force_terminal,
         highlight=False,
     )
-
-
-def format_duration(seconds: float) -> str:
-    """``"4.2 s"`` under a minute, ``"3 min 05 s"`` above."""
-    if seconds < 10:
-        return f"{seconds:.2f} s"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(int(seconds), 60)
-    return f"{minutes} min {rest:02d} s"
-
-
-def format_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "-:--:--"
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 @dataclass

@@ -17,8 +17,6 @@ import operator
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -163,18 +161,6 @@ def open_gate(path: Path) -> None:
 
 
 # ----------------------------------------------------------------- packaging
-
-
-def test_import_poolkit_does_not_import_dask() -> None:
-    code = (
-        "import sys, poolkit, poolkit.batch\n"
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed'))\n"
-        "print(loaded)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.strip() == "[]"
 
 
 def test_poolkit_errors_survive_pickling() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from poolkit import job_progress
 from poolkit.job_progress import ProgressCounts, check_progress, make_tracker, total_of
+from poolkit.progress_bar import LiveBar
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -144,7 +145,7 @@ def test_a_terminal_gets_a_bar_and_a_notebook_gets_lines(monkeypatch: pytest.Mon
     monkeypatch.setattr("sys.stderr", err)
     tracker = make_tracker(True, "batch", 4)
     assert tracker is not None
-    assert isinstance(tracker._sink, job_progress._Bar)
+    assert isinstance(tracker._sink, LiveBar)
     tracker.settle(ok=True, inputs=3)
     tracker.settle(ok=False, inputs=1)
     tracker.close()
@@ -163,7 +164,7 @@ def test_a_second_bar_while_one_is_live_falls_back_to_lines(monkeypatch: pytest.
     inner = make_tracker(True, "map", None)
     assert outer is not None and inner is not None
     try:
-        assert isinstance(outer._sink, job_progress._Bar)
+        assert isinstance(outer._sink, LiveBar)
         assert isinstance(inner._sink, job_progress._Lines)
     finally:
         inner.close()
