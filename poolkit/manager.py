@@ -187,7 +187,6 @@ class Manager:
             target=self._run, name=f"poolkit-manager-{config.name}", daemon=True
         )
         self._thread.start()
-        watchdog.watch(self)
 
     # ------------------------------------------------------------------ API
 
@@ -421,6 +420,10 @@ class Manager:
 
     def _run(self) -> None:
         try:
+            # Started here, not by the caller: starting a thread waits for it to
+            # run, and the caller's Pool() should not wait for a second thread.
+            # No user code runs in this thread before this line.
+            watchdog.watch(self)
             self._manage_workers(time.monotonic())
             while not self._closed:
                 timeout = self._next_timeout(time.monotonic())
