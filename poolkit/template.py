@@ -78,6 +78,9 @@ _FD_SIZE = array.array("i").itemsize
 _SIGKILL = int(signal.SIGKILL)
 _RESET_SIGNALS = (int(signal.SIGCHLD), int(signal.SIGINT), int(signal.SIGTERM))
 _SIG_DFL = int(signal.SIG_DFL)
+# Seconds without a message after which the template runs its rehearsal
+# (see _Template.rehearse_once), unless a fork it is asked for comes first.
+_REHEARSE_WHEN_IDLE = 0.05
 # A worker's exit code when it fails before its loop takes over (EX_SOFTWARE):
 # the loop itself never returns, so only an error in its set-up gets here.
 _START_FAILED = 70
@@ -116,6 +119,8 @@ class _Template:
         # kill_grace, memory limit, check interval: the pool's LIMITS frame sets them.
         self.limits: tuple[float, int | None, float] = (1.0, None, 1.0)
         self.limits_changed = False
+        # A worker that execs starts from a fresh interpreter: nothing to rehearse for it.
+        self.rehearsed = exec_workers
 
     def run(self, started: list[tuple[int, int, int]]) -> None:
         """Serve until the pool goes away; ``started``: (worker id, pid, limit slot) of workers forked already."""
@@ -172,7 +177,13 @@ class _Template:
         due: float | None = None  # seconds until a limit may be due (limits.py); None: none watched
         while True:
             rang = False
-            for fd, _ in poll(-1 if due is None else due):
+            timeout = -1 if due is None else due
+            if not self.rehearsed:
+                timeout = _REHEARSE_WHEN_IDLE if due is None else min(due, _REHEARSE_WHEN_IDLE)
+            events = poll(timeout)
+            if not events and not self.rehearsed:
+                self.rehearse_once()
+            for fd, _ in events:
                 if fd == control_fd:
                     if not self.read_control():
                         return
@@ -226,7 +237,24 @@ class _Template:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
 
+    def rehearse_once(self) -> None:
+        """Run a worker's path here once (``worker.rehearse``), so that later workers start warm.
+
+        Not when the template starts: then its first workers are starting and
+        the pool's process is waiting for their first results, all on the same
+        cores. It runs once the template has been idle for a moment, or before
+        the first fork it is asked for, whichever comes first.
+        """
+        self.rehearsed = True
+        try:
+            rehearse()
+        except Exception:
+            pass  # only a speed-up; a worker with the same trouble reports it itself
+        gc.freeze()  # what the rehearsal left is shared by every later worker (see serve)
+
     def fork_worker(self, worker_id: int, max_jobs: int, fd: int) -> None:
+        if not self.rehearsed:
+            self.rehearse_once()
         slot = self.area.take()
         pid = os.fork()
         if pid == 0:
@@ -324,18 +352,21 @@ def _enter_worker() -> None:
 
 def _first_worker(
     fd: int,
-    inherited: Sequence[int],
+    template_fds: Sequence[int],
     worker_id: int,
     max_jobs: int,
     config: WorkerConfig,
     area: LimitArea,
     slot: int,
 ) -> None:
-    """A worker forked by a fork template before its set-up; never returns."""
+    """A worker forked by a fork template as it starts; never returns.
+
+    ``template_fds``: the template's control socket and the other first
+    workers' sockets, which this worker closes; the rest of the cutting off
+    from the pool's process was done by the template before the fork.
+    """
     try:
-        neutralize_inherited_fds(inherited, keep={fd})
-        stdin_from_devnull()
-        for other in area.template_only_fds():
+        for other in (*template_fds, *area.template_only_fds()):
             os.close(other)
         gc.freeze()  # as the template does before later forks (see serve)
         _enter_worker()
@@ -365,23 +396,26 @@ def serve_forked(
     ``inherited``: the pool's descriptors this process must not keep;
     ``parent_pid``: the pool's process, which this template dies with.
 
-    The first workers are forked before anything else, each cutting itself
-    off from the pool's process on its own: a cold start then waits for two
-    forks in a row, not for the template's set-up as well.
+    The first workers are forked as soon as this process is cut off from the
+    pool's (its sockets, its stdin), which they inherit; the rest of the
+    template's set-up comes after: a cold start waits for two forks in a row
+    and that one step, done once rather than in each process.
     """
     started: list[tuple[int, int, int]] = []
     try:
+        first_fds = [fd for _, _, fd in first]
+        neutralize_inherited_fds(inherited, keep={control.fileno(), *first_fds})
+        stdin_from_devnull()
         area = LimitArea()  # before the first fork: the first workers post their jobs too
         for worker_id, max_jobs, fd in first:
             slot = area.take()
             pid = os.fork()
             if pid == 0:
-                _first_worker(fd, inherited, worker_id, max_jobs, config, area, slot)
+                others = [control.fileno(), *(other for other in first_fds if other != fd)]
+                _first_worker(fd, others, worker_id, max_jobs, config, area, slot)
             started.append((worker_id, pid, slot))
-        for _, _, fd in first:
+        for fd in first_fds:
             os.close(fd)
-        neutralize_inherited_fds(inherited, keep={control.fileno()})
-        stdin_from_devnull()
         _die_with(parent_pid)
     except BaseException:
         import traceback
@@ -490,11 +524,6 @@ def serve(
     code = 0
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
-    if not exec_workers:  # a worker that execs starts from a fresh interpreter anyway
-        try:
-            rehearse()
-        except Exception:
-            pass  # only a speed-up; a worker with the same trouble reports it itself
     # Every object alive now is shared with every worker. Frozen (as CPython's
     # gc docs advise before forking), they are left out of the workers'
     # collections, which would otherwise write to their pages and so copy them
