@@ -162,6 +162,7 @@ class Manager:
         self._timers = Timers.of(config)
         self._dispatcher = Dispatcher(config)
         self._link = TemplateLink(config)
+        self._read_buffer = worker_channel.read_buffer()  # every worker's socket is read through it
         self._closing = False
         self._closed = False
         self._broken: BaseException | None = None
@@ -754,7 +755,7 @@ class Manager:
 
     def _read_worker(self, worker: Worker, now: float) -> bool:
         """Read once; True if data came (more may wait), False on would-block or end of stream."""
-        n = worker_channel.receive(worker)
+        n = worker_channel.receive(worker, self._read_buffer)
         if n == worker_channel.WOULD_BLOCK:
             return False
         if n == 0:

@@ -259,6 +259,7 @@ class _Inbox:
     def __init__(self, channel: _Channel) -> None:
         self.sock = channel.sock
         self.reader = channel.reader
+        self.scratch = wire.scratch_buffer(1 << 18)  # every read goes through it (see FrameReader.receive)
         self.frames: deque[tuple[int, bytes | bytearray]] = deque()
         self.fds = shm.FdQueue()  # shared-memory regions received with frames (shm.py)
         self.cancelled: set[int] = set()
@@ -273,18 +274,9 @@ class _Inbox:
 
     def _receive(self, block: bool) -> None:
         while True:
-            direct = self.reader.wants_direct()
             try:
                 flags = shm.RECV_FLAGS if block else shm.RECV_FLAGS | socket.MSG_DONTWAIT
-                if direct is not None:
-                    n, ancillary, _, _ = self.sock.recvmsg_into([direct], shm.ANCILLARY, flags)
-                    if n:
-                        self.reader.filled_direct(n)
-                else:
-                    data, ancillary, _, _ = self.sock.recvmsg(1 << 18, shm.ANCILLARY, flags)
-                    n = len(data)
-                    if n:
-                        self.reader.feed(data)
+                n, ancillary = self.reader.receive(self.sock, self.scratch, shm.ANCILLARY, flags)
                 if ancillary:
                     shm.take_fds(ancillary, self.fds)
             except (BlockingIOError, InterruptedError):

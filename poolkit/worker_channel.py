@@ -3,9 +3,10 @@
 The manager thread owns every worker's socket; this module is how it reads
 from one and writes to one. ``receive`` reads once into the worker's frame
 reader (straight into a large frame's own buffer when one is being read,
-and taking the descriptors of shared-memory regions that come with
-results); ``send`` writes the worker's outbox as far as the socket takes it
-(frames that carry a region send its descriptor with their first byte).
+else through the one buffer the manager lends to all its reads, and taking
+the descriptors of shared-memory regions that come with results); ``send``
+writes the worker's outbox as far as the socket takes it (frames that carry
+a region send its descriptor with their first byte).
 What the bytes mean, and what an end of stream means, is the manager's
 business: it reads the frames and reacts.
 
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 import itertools
 
-from . import shm
+from . import shm, wire
 from .worker_table import Worker
 
-__all__ = ["WOULD_BLOCK", "receive", "send"]
+__all__ = ["WOULD_BLOCK", "read_buffer", "receive", "send"]
 
 WOULD_BLOCK = -1
 """What ``receive`` returns when nothing is there to read yet."""
@@ -29,24 +30,19 @@ _RECV_SIZE = 1 << 22  # one read takes up to 4 MiB: a large result in few system
 _SEND_PARTS = 512  # parts per sendmsg: below the kernel's IOV_MAX (1024)
 
 
-def receive(worker: Worker) -> int:
-    """Read once from ``worker``'s socket into its frame reader.
+def read_buffer() -> memoryview:
+    """The buffer a manager's reads go through: one per manager thread, lent to every ``receive``."""
+    return wire.scratch_buffer(_RECV_SIZE)
+
+
+def receive(worker: Worker, scratch: memoryview) -> int:
+    """Read once from ``worker``'s socket into its frame reader, through ``scratch`` (see ``read_buffer``).
 
     Returns the number of bytes read, 0 at the end of the stream (the worker
     closed it, or the socket failed), or ``WOULD_BLOCK``.
     """
-    reader = worker.reader
     try:
-        direct = reader.wants_direct()
-        if direct is not None:
-            n, ancillary, _, _ = worker.sock.recvmsg_into([direct], shm.ANCILLARY, shm.RECV_FLAGS)
-            if n:
-                reader.filled_direct(n)
-        else:
-            data, ancillary, _, _ = worker.sock.recvmsg(_RECV_SIZE, shm.ANCILLARY, shm.RECV_FLAGS)
-            n = len(data)
-            if n:
-                reader.feed(data)
+        n, ancillary = worker.reader.receive(worker.sock, scratch, shm.ANCILLARY, shm.RECV_FLAGS)
         if ancillary:
             shm.take_fds(ancillary, worker.fds)
     except (BlockingIOError, InterruptedError):

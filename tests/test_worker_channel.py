@@ -24,9 +24,9 @@ def pair() -> Iterator[tuple[Worker, socket.socket]]:
 
 def test_receive_reads_frames_and_says_when_nothing_is_there(pair: tuple[Worker, socket.socket]) -> None:
     worker, child = pair
-    assert worker_channel.receive(worker) == worker_channel.WOULD_BLOCK
+    assert worker_channel.receive(worker, worker_channel.read_buffer()) == worker_channel.WOULD_BLOCK
     child.sendall(wire.encode_ready(4242) + wire.encode_retiring(7 * 2**20))
-    assert worker_channel.receive(worker) > 0
+    assert worker_channel.receive(worker, worker_channel.read_buffer()) > 0
     kinds = [(kind, body) for kind, body in worker.reader.frames()]
     assert [kind for kind, _ in kinds] == [wire.Kind.READY, wire.Kind.RETIRING]
     assert wire.decode_ready(kinds[0][1]) == 4242
@@ -36,7 +36,7 @@ def test_receive_reads_frames_and_says_when_nothing_is_there(pair: tuple[Worker,
 def test_receive_returns_0_at_the_end_of_the_stream(pair: tuple[Worker, socket.socket]) -> None:
     worker, child = pair
     child.close()
-    assert worker_channel.receive(worker) == 0
+    assert worker_channel.receive(worker, worker_channel.read_buffer()) == 0
 
 
 def test_send_writes_what_the_socket_takes_and_keeps_the_rest(pair: tuple[Worker, socket.socket]) -> None:
