@@ -391,9 +391,9 @@ def _map_results(feeder: _OrderedFeeder, deadline: float | None, total: int) -> 
             feeder.chunks[index - 1] = (_DONE, start, count)
             del future
             results.reverse()
+            seen += len(results)  # counted per chunk: this loop runs once per input
             while results:
                 yield results.pop()
-                seen += 1
             if error is not None:
                 raise error
     finally:
