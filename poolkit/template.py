@@ -246,8 +246,9 @@ class _Template:
         the first fork it is asked for, whichever comes first.
         """
         self.rehearsed = True
+        config = self.config
         try:
-            rehearse()
+            rehearse(shm_threshold=config.shm_threshold if isinstance(config, WorkerConfig) else None)
         except Exception:
             pass  # only a speed-up; a worker with the same trouble reports it itself
         gc.freeze()  # what the rehearsal left is shared by every later worker (see serve)

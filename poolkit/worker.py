@@ -428,8 +428,11 @@ def _rehearsal_job() -> None:
     """The job a rehearsal runs: nothing."""
 
 
-def rehearse(rounds: int = 8) -> None:
+def rehearse(rounds: int = 8, shm_threshold: int | None = None) -> None:
     """Run a worker's start and its per-job path in the template, over a socket pair.
+
+    ``shm_threshold``: the pool's (``WorkerConfig.shm_threshold``), so that the
+    result is pickled the way the pool's workers will pickle theirs.
 
     Why: Python writes to memory when it first runs code (the specializing
     interpreter rewrites bytecode in place, allocations fill fresh pages), and
@@ -445,6 +448,7 @@ def rehearse(rounds: int = 8) -> None:
     baseline = Baseline()
     try:
         channel = _Channel(ours)
+        channel.shm_threshold = shm_threshold
         inbox = _Inbox(channel)
         meta = dumps(("rehearsal", "rehearsal"))
         payload = dumps((_rehearsal_job, (), {}))
