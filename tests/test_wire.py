@@ -6,6 +6,9 @@ the header's length and kind are checked with the body.
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 
 from poolkit import wire
@@ -94,3 +97,35 @@ def test_every_kind_has_an_encoder() -> None:
     for kind in wire.Kind:
         name = "encode_result_head" if kind is wire.Kind.RESULT else f"encode_{kind.name.lower()}"
         assert callable(getattr(wire, name, None)), f"no {name} for {kind!r}"
+
+
+
+def test_receive_through_a_small_reused_buffer_keeps_every_frame_whole() -> None:
+    """``FrameReader.receive`` reads through one buffer lent for every read: frames cut
+    across reads, and a large frame filled in its own buffer, come out as they were sent."""
+    small = [wire.encode_ready(pid) for pid in range(50)]
+    payload = bytes(range(256)) * 5_000  # over 1 MiB: read straight into a buffer of its own
+    stream = b"".join([*small, *wire.encode_job(7, 1, None, b"", payload), small[0]])
+    ours, theirs = socket.socketpair()
+    # The socket's buffer is smaller than the stream: a thread writes while this one reads.
+    sender = threading.Thread(target=lambda: (theirs.sendall(stream), theirs.shutdown(socket.SHUT_WR)))
+    scratch = wire.scratch_buffer(7)  # smaller than one frame: each spans several reads
+    reader = wire.FrameReader()
+    got: list[tuple[int, bytes]] = []
+    try:
+        sender.start()
+        while True:
+            n, ancillary = reader.receive(ours, scratch, 0, 0)
+            assert ancillary == []
+            got.extend((kind, bytes(body)) for kind, body in reader.frames())
+            if n == 0:
+                break
+    finally:
+        sender.join(30)
+        ours.close()
+        theirs.close()
+    ready = [(int(wire.Kind.READY), frame[wire.HEADER.size :]) for frame in small]
+    assert got[:50] == ready and got[51] == ready[0] and len(got) == 52
+    kind, body = got[50]
+    assert kind == wire.Kind.JOB
+    assert bytes(wire.decode_job(body)[4]) == payload
