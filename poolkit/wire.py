@@ -325,9 +325,13 @@ def scratch_buffer(size: int) -> memoryview:
     Anonymous memory: the kernel maps a page when a read first writes to it,
     so a small frame touches one page of it. (A ``bytearray`` of that size
     would be zero-filled at once: every page faulted in, each time a worker
-    starts.)
+    starts.) It is left out of every fork: a pool's template and workers,
+    forked from the process that reads through it, never carry its pages.
     """
-    return memoryview(mmap.mmap(-1, size))
+    memory = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_DONTFORK"):
+        memory.madvise(mmap.MADV_DONTFORK)
+    return memoryview(memory)
 
 
 class FrameReader:

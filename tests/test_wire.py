@@ -6,6 +6,7 @@ the header's length and kind are checked with the body.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -129,3 +130,28 @@ def test_receive_through_a_small_reused_buffer_keeps_every_frame_whole() -> None
     kind, body = got[50]
     assert kind == wire.Kind.JOB
     assert bytes(wire.decode_job(body)[4]) == payload
+
+
+def _mapped(address: int) -> bool:
+    with open("/proc/self/maps") as maps:
+        lines = maps.read().splitlines()
+    for line in lines:
+        start, end = (int(part, 16) for part in line.split()[0].split("-"))
+        if start <= address < end:
+            return True
+    return False
+
+
+def test_a_scratch_buffer_is_not_carried_into_a_fork() -> None:
+    """The pool's read buffer (4 MiB) stays out of its template and workers, which are forks."""
+    import ctypes
+
+    scratch = wire.scratch_buffer(1 << 20)
+    scratch[:5] = b"wrote"  # a page the fork would otherwise share
+    address = ctypes.addressof(ctypes.c_char.from_buffer(scratch))
+    assert _mapped(address)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3 if _mapped(address) else 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
