@@ -9,7 +9,9 @@ Jobs are pipelined: a worker may hold a few jobs beyond the one it runs. The
 window adapts to the measured job duration: deep for tiny jobs, where a round
 trip per job would cost more than the job, one for long ones. Idle workers
 are served first, ``max_workers`` bounds the jobs running at once, and
-nothing is queued behind a job that has run far past the mean.
+nothing is queued behind a job that has run far past the mean; what was
+queued behind it before, the manager takes back (claims.py) and puts first
+in the queue again (``put_back``).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class Dispatcher:
                     busy += 1  # counted only now: a cancelled job dropped above takes no slot
                     worker.start_head(now)
                 worker.jobs_assigned += 1
-                worker.send_job(job)
+                worker.send_job(job, ahead=not starts)
                 touched[worker.worker_id] = worker
                 if worker.max_jobs is not None and worker.jobs_assigned == worker.max_jobs:
                     # Its last job: retire it now so the replacement forks while the job runs.

@@ -28,7 +28,9 @@ the futures' outcomes, shutting down and breaking.
 Jobs are pipelined: a worker may hold a few jobs beyond the one it runs.
 Workers run jobs in order and answer each, so the oldest unanswered job of a
 dead worker is the one that was running; the others had not started and are
-re-queued, never failed.
+re-queued, never failed. Jobs held behind one that runs far past the mean
+are taken back while the worker runs it, through its claims pipe
+(claims.py), and go to other workers.
 """
 
 from __future__ import annotations
@@ -159,8 +161,8 @@ class Manager:
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._table = WorkerTable(config)
         self._workers = self._table.workers  # by id; the table changes it, the loop reads it
-        self._timers = Timers.of(config)
         self._dispatcher = Dispatcher(config)
+        self._timers = Timers.of(config, long_after=self._dispatcher.long_after)
         self._link = TemplateLink(config)
         self._read_buffer = worker_channel.read_buffer()  # every worker's socket is read through it
         self._closing = False
@@ -198,7 +200,7 @@ class Manager:
         if self._link.control is not None:
             fds.append(self._link.control.fileno())
         for worker in list(self._workers.values()):
-            fds.append(worker.sock.fileno())
+            fds.extend(worker.owned_fds())
         return [fd for fd in fds if fd >= 0]
 
     def submit(self, job: Job) -> None:
@@ -613,7 +615,7 @@ class Manager:
         finally:
             child_end.close()
         if not ok:
-            worker.sock.close()
+            worker.close()
             return False
         self._add_worker(worker)
         return True
@@ -683,7 +685,7 @@ class Manager:
             return
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
-        worker.sock.close()
+        worker.close()
         if worker.ready_at is None:
             self._requeue(self._table.take_all(worker))  # it died before READY: its jobs never started
             self._start_failed(worker, exitcode)
@@ -840,7 +842,11 @@ class Manager:
                         job.future._set_progress(value)
                         break
             elif kind == wire.Kind.READY:
-                if self._table.ready(worker, wire.decode_ready(body), now):
+                pid, with_claims = wire.decode_ready(body)
+                if with_claims and len(worker.fds) >= 2 and worker.claims_r < 0:
+                    worker.claims_r = worker.fds.popleft()  # its claims pipe (claims.py)
+                    worker.claims_w = worker.fds.popleft()
+                if self._table.ready(worker, pid, now):
                     self._start_failures = 0
             elif kind == wire.Kind.RETIRING:
                 rss = wire.decode_retiring(body)
@@ -884,6 +890,7 @@ class Manager:
                 worker.start_head(now)
             else:
                 worker.idle_since = now
+                self._after_last_answer(worker, now)
             return  # a terminated job the worker did not start; its future is cancelled
         worker.rss = rss
         worker.cpu += cpu
@@ -893,7 +900,9 @@ class Manager:
         else:
             worker.idle_since = now
         retire_reason: str | None = None
-        if worker.max_jobs is not None and worker.jobs_done >= worker.max_jobs:
+        # Its last job: jobs taken back still count, since the worker counts
+        # every job frame against its budget, skipped or not.
+        if worker.max_jobs is not None and worker.jobs_assigned >= worker.max_jobs and not inflight:
             retire_reason = RetireReason.TASKS.value
         elif (
             self.config.max_memory_per_child is not None
@@ -910,8 +919,13 @@ class Manager:
             self.log.debug(
                 "job.done", job_id=future.job_id, worker_id=worker.worker_id, pid=worker.pid, wall=wall
             )
-        if worker.state is WorkerState.RETIRING and not inflight and not worker.self_retired:
-            if worker.reason is RetireReason.TASKS:
+        if not inflight:
+            self._after_last_answer(worker, now)
+
+    def _after_last_answer(self, worker: Worker, now: float) -> None:
+        """``worker`` holds no job now: one that retires leaves."""
+        if worker.state is WorkerState.RETIRING and not worker.self_retired:
+            if worker.reason is RetireReason.TASKS and worker.jobs_assigned == worker.max_jobs:
                 self._expect_exit(worker, now)  # it leaves by itself after its last job
             else:
                 self._send_retire(worker)
@@ -960,6 +974,8 @@ class Manager:
             # Terminated while queued, but the worker started it before the
             # CANCEL arrived (no SKIPPED came back): stop it the hard way.
             self._kill(worker, RetireReason.TERMINATED, signal.SIGKILL, now)
+        elif due is Due.RECLAIM:
+            self._reclaim(worker, now)
         elif due is Due.LIFETIME:
             self._retire(worker, RetireReason.LIFETIME)
         else:
@@ -1049,6 +1065,10 @@ class Manager:
             self._flush(worker)
 
     def _flush(self, worker: Worker) -> None:
+        if worker.tokens:  # before the frames they go with (claims.py)
+            missing = worker_channel.write_tokens(worker)
+            if missing:
+                self._take_back(worker, missing, time.monotonic())
         worker_channel.send(worker)
         wants_write = bool(worker.outbox)
         if wants_write != worker.wants_write and not worker.eof:
@@ -1056,6 +1076,39 @@ class Manager:
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wants_write else 0)
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.modify(worker.sock, events, worker)
+
+    def _reclaim(self, worker: Worker, now: float) -> None:
+        """Its head runs far past the mean: the jobs queued behind it that it has not started go elsewhere.
+
+        Every token still in its claims pipe is taken (claims.py); the jobs
+        whose tokens the worker took first are its to run, and can no longer
+        be taken back.
+        """
+        taken = worker_channel.take_back(worker)
+        if taken:
+            self._take_back(worker, taken, now)
+        for job in worker.inflight:
+            job.token = None
+
+    def _take_back(self, worker: Worker, tokens: list[int], now: float) -> None:
+        """The jobs sent ahead with these tokens will not start on ``worker``: queue them again, first."""
+        inflight = worker.inflight
+        taken = set(tokens)
+        back = [job for job in inflight if job.token in taken]
+        if not back:
+            return
+        kept = [job for job in inflight if job.token not in taken]
+        inflight.clear()
+        inflight.extend(kept)
+        worker.jobs_assigned -= len(back)  # the worker does not count them either
+        for job in back:
+            job.token = None
+        self._requeue(back)
+        if self._debug:
+            self.log.debug("jobs.taken_back", worker_id=worker.worker_id, jobs=len(back))
+        if not inflight:  # even its head had not started: it skips them all and is idle
+            worker.idle_since = now
+            self._after_last_answer(worker, now)
 
     # ------------------------------------------------------------ endings
 
@@ -1149,7 +1202,7 @@ class Manager:
 
     def _close_fds(self) -> None:
         for worker in list(self._workers.values()):
-            worker.sock.close()
+            worker.close()
         self._workers.clear()
         self._link.close()
         self._selector.close()

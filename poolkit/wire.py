@@ -31,8 +31,9 @@ class Kind(enum.IntEnum):
     CANCEL = 4  # <Q seq>: do not start this job (it was terminated while queued); answer SKIPPED
     SHARE = 5  # 16-byte key + a Pool.share object's payload (share.py); its region travels as SCM_RIGHTS
     UNSHARE = 6  # 16-byte key: drop that shared object
+    JOB_AHEAD = 7  # as JOB, queued behind a running job: started only with its claim token (claims.py)
     # worker -> parent
-    READY = 10  # <q pid>
+    READY = 10  # <qB pid claims>; claims 1: the claims pipe (read end, write end) travels as SCM_RIGHTS
     RESULT = 11  # <QBddqq seq outcome wall cpu peak rss> + pickled value or (exception, traceback text)
     PROGRESS = 12  # <Q seq> + pickled value
     INIT_FAILED = 13  # pickled (exception, traceback text)
@@ -66,6 +67,7 @@ OUTCOME_SKIPPED = 2  # a cancelled job the worker did not start
 OUTCOME_NOT_LOADED = 3  # the job's function or arguments would not unpickle: (exception, traceback)
 _WORKER_HEAD = struct.Struct("<qq")  # worker_id, max_jobs (0: no limit)
 _PID = struct.Struct("<q")
+_READY = struct.Struct("<qB")  # pid, 1 if the claims pipe travels with it
 _RSS = struct.Struct("<q")
 _SEQ = struct.Struct("<Q")
 _SPAWNED = struct.Struct("<qq")
@@ -87,7 +89,7 @@ def _head(kind: Kind, size: int) -> bytes:
 
 # Whole frames of fixed size start with these, built once: the template's
 # loop and a new worker touch as few objects as they can (copy-on-write).
-_READY_HEAD = _head(Kind.READY, _PID.size)
+_READY_HEAD = _head(Kind.READY, _READY.size)
 _SPAWNED_HEAD = _head(Kind.SPAWNED, _SPAWNED.size)
 _EXITED_HEAD = _head(Kind.EXITED, _EXITED.size)
 _LIMIT_HEAD = _head(Kind.LIMIT, _LIMIT.size)
@@ -97,6 +99,7 @@ _CANCEL_HEAD = _head(Kind.CANCEL, _SEQ.size)
 _RETIRING_HEAD = _head(Kind.RETIRING, _RSS.size)
 _RETIRE_FRAME = _head(Kind.RETIRE, 0)
 _KIND_JOB = int(Kind.JOB)
+_KIND_JOB_AHEAD = int(Kind.JOB_AHEAD)
 _SHARE_KEY = 16
 _KIND_RESULT = int(Kind.RESULT)
 
@@ -116,15 +119,27 @@ def decode_config(body: Body) -> tuple[int, int, memoryview]:
 
 
 def encode_job(
-    seq: int, attempt: int, timeout: float | None, meta: bytes, payload: bytes
+    seq: int, attempt: int, timeout: float | None, meta: bytes, payload: bytes, ahead: bool = False
 ) -> tuple[bytes, ...]:
-    """JOB, as the parts to send: a large payload is sent as it is, not copied."""
+    """JOB (JOB_AHEAD if ``ahead``), as the parts to send: a large payload is sent as it is, not copied."""
     head = _JOB_FRAME_HEAD.pack(
-        _JOB_HEAD.size + len(meta) + len(payload), _KIND_JOB, seq, attempt, len(meta), timeout or 0.0
+        _JOB_HEAD.size + len(meta) + len(payload),
+        _KIND_JOB_AHEAD if ahead else _KIND_JOB,
+        seq,
+        attempt,
+        len(meta),
+        timeout or 0.0,
     )
     if len(payload) < 65536:
         return (head + meta + payload,)
     return (head + meta, payload)
+
+
+def encode_job_ahead(
+    seq: int, attempt: int, timeout: float | None, meta: bytes, payload: bytes
+) -> tuple[bytes, ...]:
+    """JOB_AHEAD: a JOB queued behind a running one, started only with its token (claims.py)."""
+    return encode_job(seq, attempt, timeout, meta, payload, ahead=True)
 
 
 # JOB -> seq only (the worker checks it against the cancelled ones before loading anything)
@@ -177,13 +192,15 @@ def decode_cancel(body: Body) -> int:
 # ---------------------------------------------------------------- worker -> parent
 
 
-def encode_ready(pid: int) -> bytes:
-    """READY: the worker's initializer ran; it takes jobs."""
-    return _READY_HEAD + _PID.pack(pid)
+def encode_ready(pid: int, claims: bool) -> bytes:
+    """READY: the worker's initializer ran; it takes jobs. ``claims``: its claims pipe goes with it."""
+    return _READY_HEAD + _READY.pack(pid, claims)
 
 
-def decode_ready(body: Body) -> int:
-    return int(_PID.unpack_from(body)[0])
+def decode_ready(body: Body) -> tuple[int, bool]:
+    """READY -> (pid, whether the claims pipe came with it)."""
+    pid, claims = _READY.unpack_from(body)
+    return pid, bool(claims)
 
 
 def encode_result_head(

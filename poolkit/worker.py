@@ -7,7 +7,9 @@ during the job, RSS after it). Two rules make crash handling exact:
 
 * jobs run strictly in the order they arrive, and every job gets exactly one
   RESULT before the next job starts, so the pool knows that the oldest
-  unanswered job is the one a dead worker was running;
+  unanswered job is the one a dead worker was running; a job sent ahead
+  (JOB_AHEAD) starts only if the worker claims its token first, and one the
+  pool took back is skipped without an answer (claims.py);
 * when the worker retires on its own (RSS above ``max_memory_per_child``) it
   sends RESULT of its last job, then RETIRING, then exits 0; jobs it had
   received but not started are still unanswered, and the pool re-queues them.
@@ -29,7 +31,7 @@ import weakref
 from collections import deque
 from typing import Any, NoReturn
 
-from . import context, share, shm, wire
+from . import claims, context, share, shm, wire
 from .config import WorkerConfig
 from .isolation import Baseline
 from .limits import JobWatch, counted_memory, map_area, memory_over
@@ -110,6 +112,14 @@ class _Channel:
         with self._lock:
             self._flush_progress(block=True)
             self.sock.sendall(data)
+
+    def send_fds(self, data: bytes, fds: list[int]) -> None:
+        """Send ``data`` with ``fds`` going along with its first byte."""
+        with self._lock:
+            self._flush_progress(block=True)
+            sent = socket.send_fds(self.sock, [data], fds)
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
 
     def send_parts(self, head: bytes, body: bytes, region: shm.Region | None = None) -> None:
         """Send head and body as one frame without joining them (a large result is not copied).
@@ -263,6 +273,7 @@ class _Inbox:
         self.frames: deque[tuple[int, bytes | bytearray]] = deque()
         self.fds = shm.FdQueue()  # shared-memory regions received with frames (shm.py)
         self.cancelled: set[int] = set()
+        self.claims: claims.WorkerClaims | None = None  # set once READY has sent the pipe
         self.closed = False
 
     def _take(self) -> None:
@@ -299,6 +310,20 @@ class _Inbox:
                 return None
             self._receive(block=True)
         return self.frames.popleft()
+
+
+def _send_ready(channel: _Channel, inbox: _Inbox) -> None:
+    """READY, with this worker's claims pipe when one could be made (claims.py); keeps its read end."""
+    pipe = claims.make_pipe()
+    if pipe is None:
+        channel.send(wire.encode_ready(os.getpid(), False))
+        return
+    read_end, write_end = pipe
+    try:
+        channel.send_fds(wire.encode_ready(os.getpid(), True), [read_end, write_end])
+    finally:
+        os.close(write_end)
+    inbox.claims = claims.WorkerClaims(read_end)
 
 
 def _skip_job(channel: _Channel, seq: int) -> None:
@@ -356,7 +381,7 @@ def _serve(
             logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
             channel.send(wire.encode_init_failed(dumps_error(exc)))
             _exit(1)
-    channel.send(wire.encode_ready(os.getpid()))
+    _send_ready(channel, inbox)
     # After the initializer: what it set up is the state every job starts from.
     baseline = Baseline()
     channel.leftover_threads = baseline.leftover_threads
@@ -368,10 +393,16 @@ def _serve(
             _finalize(config)
             _exit(0)
         kind, body = item
-        if kind == wire.Kind.JOB:
+        if kind == wire.Kind.JOB or kind == wire.Kind.JOB_AHEAD:
             (seq,) = wire.decode_job_seq(body)
             # Its region (if any) is claimed now, in frame order, even for a job skipped.
             incoming = shm.claim(wire.decode_job(body)[4], inbox.fds) if inbox.fds else None
+            if kind == wire.Kind.JOB_AHEAD and not (inbox.claims is not None and inbox.claims.claim()):
+                # The pool took it back (claims.py): it runs elsewhere, expects no
+                # answer, and does not count it against this worker's max_jobs.
+                inbox.cancelled.discard(seq)
+                del incoming
+                continue
             if seq in inbox.cancelled:
                 inbox.cancelled.discard(seq)
                 del incoming
@@ -446,6 +477,8 @@ def rehearse(rounds: int = 8, shm_threshold: int | None = None) -> None:
     ours, theirs = socket.socketpair()
     memory = _Memory()
     baseline = Baseline()
+    pipe = claims.make_pipe()
+    claimer = claims.WorkerClaims(pipe[0]) if pipe is not None else None
     try:
         channel = _Channel(ours)
         channel.shm_threshold = shm_threshold
@@ -453,10 +486,14 @@ def rehearse(rounds: int = 8, shm_threshold: int | None = None) -> None:
         meta = dumps(("rehearsal", "rehearsal"))
         payload = dumps((_rehearsal_job, (), {}))
         job = b"".join(wire.encode_job(1, 1, None, meta, payload))
-        for _ in range(rounds):
+        inbox.claims = claimer
+        for index in range(rounds):
             theirs.sendall(job)
             item = inbox.next()
             assert item is not None
+            if pipe is not None and claimer is not None:  # as if every job were sent ahead
+                os.write(pipe[1], claims.token(index))
+                assert claimer.claim()
             memory.reset_peak()
             _run_job(channel, item[1], 0, memory)
             baseline.restore()
@@ -465,6 +502,9 @@ def rehearse(rounds: int = 8, shm_threshold: int | None = None) -> None:
         memory.close()
         ours.close()
         theirs.close()
+        if pipe is not None and claimer is not None:
+            os.close(pipe[1])
+            claimer.close()
 
 
 _prctl: Any = None

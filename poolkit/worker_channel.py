@@ -6,7 +6,8 @@ reader (straight into a large frame's own buffer when one is being read,
 else through the one buffer the manager lends to all its reads, and taking
 the descriptors of shared-memory regions that come with results); ``send``
 writes the worker's outbox as far as the socket takes it (frames that carry
-a region send its descriptor with their first byte).
+a region send its descriptor with their first byte). ``write_tokens`` and
+``take_back`` are the pool's two uses of a worker's claims pipe (claims.py).
 What the bytes mean, and what an end of stream means, is the manager's
 business: it reads the frames and reacts.
 
@@ -17,11 +18,12 @@ Both run without blocking: the sockets are non-blocking and the manager's
 from __future__ import annotations
 
 import itertools
+import os
 
-from . import shm, wire
+from . import claims, shm, wire
 from .worker_table import Worker
 
-__all__ = ["WOULD_BLOCK", "read_buffer", "receive", "send"]
+__all__ = ["WOULD_BLOCK", "read_buffer", "receive", "send", "take_back", "write_tokens"]
 
 WOULD_BLOCK = -1
 """What ``receive`` returns when nothing is there to read yet."""
@@ -81,3 +83,28 @@ def send(worker: Worker) -> None:
             else:
                 outbox[0] = memoryview(first)[sent:]
                 sent = 0
+
+
+def write_tokens(worker: Worker) -> list[int]:
+    """Write the tokens of the jobs just sent ahead, before their frames go; return those not written.
+
+    A worker holds at most a window of jobs (64) and a write of that many
+    tokens is atomic (below PIPE_BUF), so this cannot fail short of a bug; if
+    it does, the jobs whose tokens are missing will be skipped by the worker,
+    and the caller takes them back.
+    """
+    tokens = worker.tokens
+    try:
+        os.write(worker.claims_w, tokens)
+    except OSError:
+        return [index for (index,) in claims.TOKEN.iter_unpack(tokens)]
+    finally:
+        tokens.clear()
+    return []
+
+
+def take_back(worker: Worker) -> list[int]:
+    """Take every token the worker has not claimed: the jobs with those tokens are the pool's again."""
+    if worker.claims_r < 0:
+        return []
+    return claims.take_back(worker.claims_r)

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import enum
 import itertools
+import os
 import random
 import socket
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from . import shm, wire
+from . import claims, shm, wire
 from .config import PoolConfig
 from .futures import JobFuture
 from .share import _Entry
@@ -79,6 +80,7 @@ class Job:
         "shares",
         "started_at",
         "timeout",
+        "token",
     )
 
     def __init__(
@@ -103,9 +105,12 @@ class Job:
         self.retries_left = retries
         self.dispatched = False
         self.started_at = 0.0
+        # Sent ahead to its worker (claims.py): the token the pool may still take
+        # back. None: sent as the worker's next job, or its token is the worker's.
+        self.token: int | None = None
 
-    def frame(self) -> tuple[bytes, ...]:
-        return wire.encode_job(self.seq, self.attempt, self.timeout, self.meta, self.payload)
+    def frame(self, ahead: bool = False) -> tuple[bytes, ...]:
+        return wire.encode_job(self.seq, self.attempt, self.timeout, self.meta, self.payload, ahead)
 
 
 class Worker:
@@ -114,6 +119,8 @@ class Worker:
     __slots__ = (
         "attached",
         "born",
+        "claims_r",
+        "claims_w",
         "cpu",
         "eof",
         "exit_deadline",
@@ -134,6 +141,8 @@ class Worker:
         "shares_sent",
         "sock",
         "state",
+        "tokens",
+        "tokens_sent",
         "wants_write",
         "worker_id",
     )
@@ -153,6 +162,11 @@ class Worker:
         self.shares_sent: set[bytes] = set()  # keys of the Pool.share objects this worker holds
         self.wants_write = False
         self.eof = False  # its stream ended (nothing more will be read)
+        # Its claims pipe (claims.py), both ends, from its READY; -1 without one.
+        self.claims_r = -1
+        self.claims_w = -1
+        self.tokens = bytearray()  # tokens of jobs sent ahead, written to the pipe before their frames
+        self.tokens_sent = 0
         self.inflight: deque[Job] = deque()
         self.jobs_assigned = 0
         self.jobs_done = 0
@@ -179,10 +193,12 @@ class Worker:
         state = self.state
         return state is WorkerState.KILLING or state is WorkerState.EXITED
 
-    def send_job(self, job: Job) -> None:
+    def send_job(self, job: Job, ahead: bool = False) -> None:
         """Queue ``job``'s frame for sending; its region, if any, goes with the frame's first byte.
 
         The shared objects it names that this worker does not hold yet go first.
+        ``ahead``: it waits behind the job the worker runs; with a claims pipe it
+        goes with a token, so that the pool can take it back (claims.py).
         """
         for entry in job.shares:
             if entry.key not in self.shares_sent:
@@ -191,7 +207,14 @@ class Worker:
                 if entry.region is not None:
                     self.attached.append((share_parts[0], entry.region))
                 self.outbox.extend(share_parts)
-        parts = job.frame()
+        if ahead and self.claims_w >= 0:
+            index = job.token = self.tokens_sent
+            self.tokens_sent = index + 1
+            self.tokens += claims.token(index)
+        else:
+            job.token = None
+            ahead = False
+        parts = job.frame(ahead)
         if job.region is not None:
             self.attached.append((parts[0], job.region))
         self.outbox.extend(parts)
@@ -200,6 +223,19 @@ class Worker:
         """Forget what was not sent: the worker is gone."""
         self.outbox.clear()
         self.attached.clear()
+        self.tokens.clear()
+
+    def owned_fds(self) -> list[int]:
+        """The descriptors the pool holds for this worker (its socket, its claims pipe)."""
+        return [fd for fd in (self.sock.fileno(), self.claims_r, self.claims_w) if fd >= 0]
+
+    def close(self) -> None:
+        """Close the pool's ends: its socket and its claims pipe."""
+        self.sock.close()
+        for fd in (self.claims_r, self.claims_w):
+            if fd >= 0:
+                os.close(fd)
+        self.claims_r = self.claims_w = -1
 
     def start_head(self, now: float) -> None:
         """The oldest job it holds starts now (it runs its jobs in order): the one place that says so."""

@@ -527,3 +527,34 @@ def report_after(go: str, values: list[Any], timeout: float = 60.0) -> int:
             raise TimeoutError(f"{go} never appeared")
         time.sleep(0.005)
     return report_then(values)
+
+
+# ----------------------------------------------------------------- holding the pool's manager
+
+MANAGER_HELD = threading.Event()  # set in the caller's process while the manager thread is held
+MANAGER_GO = threading.Event()  # set by the test to let it go
+
+
+def _hold_the_manager(value: Any) -> Any:
+    """Runs where the result is unpickled: the pool's manager thread, in the caller's process."""
+    MANAGER_HELD.set()
+    MANAGER_GO.wait(30)
+    return value
+
+
+class HeldOnArrival:
+    """A result whose unpickling holds the manager thread until ``MANAGER_GO`` is set.
+
+    While it is held, jobs the test submits wait in the manager's inbox, and
+    the manager takes them all in one pass: a batch, without guessing a delay.
+    """
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_hold_the_manager, (self.value,))
+
+
+def held_on_arrival(value: Any) -> HeldOnArrival:
+    return HeldOnArrival(value)

@@ -351,6 +351,47 @@ def test_each_start_method_runs_jobs(start_method: str, leak_check) -> None:
 # ----------------------------------------------------------------- scheduling
 
 
+def test_jobs_queued_behind_a_job_that_turns_long_run_on_the_other_worker(tmp_path: Path) -> None:
+    """Jobs sent ahead to a worker before its job was known to be long are taken back and run elsewhere.
+
+    Warmed up on tiny jobs, the pool queues several jobs per worker. The long
+    job and forty quick ones reach the manager in one batch (it is held while
+    it unpickles a result), so quick jobs are queued behind the long one on the
+    same worker. None may wait for it: the other worker runs them all.
+    """
+    go = tmp_path / "go"
+    started = tmp_path / "started"
+    with poolkit.Pool(2) as pool:
+        dispatcher = pool._manager._dispatcher  # the precondition only: it pipelines
+        for _ in range(10):
+            assert list(pool.map(jobs.square, range(300), chunksize=1))[-1] == 299 * 299
+            if dispatcher.window() > 1:
+                break
+        else:
+            pytest.skip("tiny jobs measure too slow on this machine right now for the pool to pipeline")
+        wait_for_pool_size(pool)
+        jobs.MANAGER_HELD.clear()
+        jobs.MANAGER_GO.clear()
+        gate = pool.submit(jobs.held_on_arrival, "gate")
+        try:
+            assert jobs.MANAGER_HELD.wait(30)
+            busy = pool.submit(jobs.started_then_wait, str(started), str(go), "long")
+            quick = [pool.submit(jobs.value_and_pid, i) for i in range(40)]
+        finally:
+            jobs.MANAGER_GO.set()
+        assert gate.result(timeout=30) == "gate"
+        long_pid = wait_for_pid_file(started)
+        try:
+            done, _ = concurrent.futures.wait(quick, timeout=30)
+            assert len(done) == len(quick), f"waiting behind the long job: {pool.stats()}"
+            assert [f.result()[0] for f in quick] == list(range(40))
+            assert long_pid not in {f.result()[1] for f in quick}
+            assert not busy.done()
+        finally:
+            go.touch()
+        assert busy.result(timeout=30) == "long"
+
+
 @pytest.mark.parametrize("warm_up", [False, True], ids=["fresh", "after-tiny-jobs"])
 def test_a_job_never_waits_behind_a_long_one_while_a_worker_is_idle(
     tmp_path: Path, warm_up: bool

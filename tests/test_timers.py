@@ -44,18 +44,26 @@ def _worker(
     return worker
 
 
-def _job(seq: int, started_at: float, *, cancelled: bool = False) -> Job:
+def _job(seq: int, started_at: float, *, cancelled: bool = False, token: int | None = None) -> Job:
     future: JobFuture[Any] = JobFuture(f"job-{seq}", None)
     if cancelled:
         future.cancel()
     job = Job(seq, future, b"", b"", None)
     job.started_at = started_at
+    job.token = token
     return job
 
 
 def _act_as_the_manager(worker: Worker, due: Due, now: float) -> None:
     """What the manager does to a worker for each timer, as far as the timers can see."""
-    if due in (Due.EXIT, Due.START, Due.SKIP):
+    if due is Due.RECLAIM:  # the jobs whose tokens come back leave; the others' tokens are the worker's
+        head, *behind = worker.inflight
+        worker.inflight.clear()
+        worker.inflight.append(head)
+        worker.inflight.extend(job for job in behind[: len(behind) // 2])
+        for job in worker.inflight:
+            job.token = None
+    elif due in (Due.EXIT, Due.START, Due.SKIP):
         if due is not Due.EXIT:
             worker.state = WorkerState.KILLING
         worker.exit_deadline = now + KILL_GRACE
@@ -118,6 +126,45 @@ def test_a_terminated_job_that_started_anyway_is_due_after_the_skip_grace(sock: 
     assert timers.fire([worker], 3.0, lambda w, due, now: None) == 0
 
 
+def test_jobs_sent_ahead_are_taken_back_once_their_head_runs_long(sock: socket.socket) -> None:
+    timers = Timers(
+        start_timeout=None, idle_timeout=None, min_workers=0, long_after=lambda: 0.25, capacity=2
+    )
+    worker = _worker(sock, 1)
+    worker.inflight.extend([_job(1, started_at=3.0), _job(2, 0.0, token=0), _job(3, 0.0, token=1)])
+    idle = _worker(sock, 2)
+    assert timers.deadlines(worker, live_workers=2, spare=True) == [(3.25, Due.RECLAIM)]
+    fired: list[Due] = []
+    assert timers.fire([worker, idle], 3.1, lambda w, due, now: fired.append(due)) == 0
+    assert timers.next_timeout([worker, idle], 3.1) == pytest.approx(0.15)
+    timers.fire([worker, idle], 3.25, lambda w, due, now: (fired.append(due), _act_as_the_manager(w, due, now)))
+    assert fired == [Due.RECLAIM]
+    assert timers.next_timeout([worker, idle], 3.25) is None  # once per head: nothing left to take back
+    retiring = _worker(sock, 3, state=WorkerState.RETIRING)  # a retiring worker's queue moves too
+    retiring.inflight.extend([_job(4, started_at=1.0), _job(5, 0.0, token=0)])
+    assert timers.deadlines(retiring, live_workers=1, spare=True) == [(1.25, Due.RECLAIM)]
+    sent_as_next = _worker(sock, 4)  # no token: nothing to take back
+    sent_as_next.inflight.extend([_job(6, started_at=1.0), _job(7, 0.0)])
+    assert timers.deadlines(sent_as_next, live_workers=1, spare=True) == []
+
+
+def test_nothing_is_taken_back_while_no_worker_could_run_it(sock: socket.socket) -> None:
+    timers = Timers(
+        start_timeout=None, idle_timeout=None, min_workers=0, long_after=lambda: 0.25, capacity=2
+    )
+    first, second = _worker(sock, 1), _worker(sock, 2)
+    for worker in (first, second):
+        worker.inflight.extend([_job(1, started_at=0.0), _job(2, 0.0, token=0)])
+    assert timers.next_timeout([first, second], 5.0) is None  # both busy: the jobs wait wherever they are
+    spare = _worker(sock, 3)  # a replacement, idle, but max_workers jobs run already
+    assert timers.next_timeout([first, second, spare], 5.0) is None
+    second.inflight.clear()
+    assert timers.next_timeout([first, second, spare], 5.0) == 0.0
+    spent = first  # given its last job: it keeps the ones it holds, to run exactly its budget
+    spent.max_jobs = spent.jobs_assigned = 2
+    assert timers.next_timeout([first, second, spare], 5.0) is None
+
+
 _worker_states = st.fixed_dictionaries(
     {
         "state": st.sampled_from(list(WorkerState)),
@@ -126,7 +173,7 @@ _worker_states = st.fixed_dictionaries(
         "idle_since": st.floats(0, 10),
         "lifetime": st.none() | st.floats(0.01, 10),
         "exit_deadline": st.none() | st.floats(0, 20),
-        "jobs": st.lists(st.tuples(st.floats(0, 10), st.booleans()), max_size=3),
+        "jobs": st.lists(st.tuples(st.floats(0, 10), st.booleans(), st.booleans()), max_size=4),
     }
 )
 
@@ -138,6 +185,7 @@ _worker_states = st.fixed_dictionaries(
     start_timeout=st.none() | st.floats(0.01, 5),
     idle_timeout=st.none() | st.floats(0.01, 5),
     min_workers=st.integers(0, 5),
+    long_after=st.none() | st.floats(0.001, 5),
 )
 def test_if_firing_did_nothing_the_next_timeout_is_not_zero(
     sock: socket.socket,
@@ -146,8 +194,15 @@ def test_if_firing_did_nothing_the_next_timeout_is_not_zero(
     start_timeout: float | None,
     idle_timeout: float | None,
     min_workers: int,
+    long_after: float | None,
 ) -> None:
-    timers = Timers(start_timeout=start_timeout, idle_timeout=idle_timeout, min_workers=min_workers)
+    timers = Timers(
+        start_timeout=start_timeout,
+        idle_timeout=idle_timeout,
+        min_workers=min_workers,
+        long_after=None if long_after is None else (lambda: long_after),
+        capacity=2,
+    )
 
     def build() -> list[Worker]:
         workers = []
@@ -156,8 +211,9 @@ def test_if_firing_did_nothing_the_next_timeout_is_not_zero(
             worker.idle_since = state["idle_since"]
             worker.lifetime = state["lifetime"]
             worker.exit_deadline = state["exit_deadline"]
-            for seq, (started_at, cancelled) in enumerate(state["jobs"], 1):
-                worker.inflight.append(_job(seq, started_at, cancelled=cancelled))
+            for seq, (started_at, cancelled, ahead) in enumerate(state["jobs"], 1):
+                token = seq if ahead and seq > 1 else None
+                worker.inflight.append(_job(seq, started_at, cancelled=cancelled, token=token))
             workers.append(worker)
         return workers
 

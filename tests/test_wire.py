@@ -53,8 +53,10 @@ def test_retire_and_cancel() -> None:
 
 
 def test_worker_messages_round_trip() -> None:
-    kind, body = _one_frame(wire.encode_ready(4321))
-    assert (kind, wire.decode_ready(body)) == (wire.Kind.READY, 4321)
+    kind, body = _one_frame(wire.encode_ready(4321, True))
+    assert (kind, wire.decode_ready(body)) == (wire.Kind.READY, (4321, True))
+    kind, body = _one_frame(wire.encode_ready(4321, False))
+    assert (kind, wire.decode_ready(body)) == (wire.Kind.READY, (4321, False))
 
     head = wire.encode_result_head(5, wire.OUTCOME_VALUE, 0.5, 0.25, 100, 200, len(b"value"))
     kind, body = _one_frame(head, b"value")
@@ -104,7 +106,7 @@ def test_every_kind_has_an_encoder() -> None:
 def test_receive_through_a_small_reused_buffer_keeps_every_frame_whole() -> None:
     """``FrameReader.receive`` reads through one buffer lent for every read: frames cut
     across reads, and a large frame filled in its own buffer, come out as they were sent."""
-    small = [wire.encode_ready(pid) for pid in range(50)]
+    small = [wire.encode_ready(pid, False) for pid in range(50)]
     payload = bytes(range(256)) * 5_000  # over 1 MiB: read straight into a buffer of its own
     stream = b"".join([*small, *wire.encode_job(7, 1, None, b"", payload), small[0]])
     ours, theirs = socket.socketpair()

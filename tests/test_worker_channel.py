@@ -25,11 +25,11 @@ def pair() -> Iterator[tuple[Worker, socket.socket]]:
 def test_receive_reads_frames_and_says_when_nothing_is_there(pair: tuple[Worker, socket.socket]) -> None:
     worker, child = pair
     assert worker_channel.receive(worker, worker_channel.read_buffer()) == worker_channel.WOULD_BLOCK
-    child.sendall(wire.encode_ready(4242) + wire.encode_retiring(7 * 2**20))
+    child.sendall(wire.encode_ready(4242, False) + wire.encode_retiring(7 * 2**20))
     assert worker_channel.receive(worker, worker_channel.read_buffer()) > 0
     kinds = [(kind, body) for kind, body in worker.reader.frames()]
     assert [kind for kind, _ in kinds] == [wire.Kind.READY, wire.Kind.RETIRING]
-    assert wire.decode_ready(kinds[0][1]) == 4242
+    assert wire.decode_ready(kinds[0][1]) == (4242, False)
     assert wire.decode_retiring(kinds[1][1]) == 7 * 2**20
 
 
