@@ -7,8 +7,10 @@ never run twice. The worker cannot be asked (it is busy running user code),
 and flags in shared memory would need memory barriers Python does not offer.
 The kernel decides instead, through one pipe per worker:
 
-* for each job it sends ahead, the pool writes that job's *token* (its index
-  among the jobs sent ahead to this worker) into the pipe, before the frame;
+* each job the pool sends ahead has a *token* (its index among the jobs sent
+  ahead to this worker), in the pipe before the frame goes; the pool writes
+  them a few hundred at a time, ahead of the jobs that will have them, so
+  that this costs a system call per few hundred jobs, not per job;
 * before starting such a job, the worker reads the next token; it starts the
   job only if the token is that job's;
 * to take jobs back, the pool reads tokens from the same pipe: a token it
@@ -17,7 +19,8 @@ The kernel decides instead, through one pipe per worker:
 
 A pipe read is atomic and first-in first-out, so each token goes to exactly
 one reader, and the tokens the pool takes back are always those of the last
-jobs in line. The worker makes the pipe and sends both ends with READY; a
+jobs in line (and of jobs not sent yet, which it writes again when it sends
+them). The worker makes the pipe and sends both ends with READY; a
 worker without one (no descriptor left) simply gets no job sent ahead.
 """
 
@@ -26,10 +29,13 @@ from __future__ import annotations
 import os
 import struct
 
-__all__ = ["TOKEN", "WorkerClaims", "make_pipe", "take_back", "token"]
+__all__ = ["REFILL", "TOKEN", "WorkerClaims", "make_pipe", "take_back", "token", "tokens"]
 
 TOKEN = struct.Struct("<Q")
-_MOST = 4096  # tokens one take_back reads; a worker never holds more jobs than the window (64)
+REFILL = 256  # tokens the pool writes at once: 2 KiB, below PIPE_BUF, so the write is atomic
+# Tokens one take_back reads: more than a pipe ever holds (a window of jobs
+# sent, 64 at most, and a refill written ahead of them).
+_MOST = 8 * REFILL
 
 
 def make_pipe() -> tuple[int, int] | None:
@@ -43,6 +49,11 @@ def make_pipe() -> tuple[int, int] | None:
 def token(index: int) -> bytes:
     """The token of the job sent ahead ``index``-th to a worker (counted from 0)."""
     return TOKEN.pack(index)
+
+
+def tokens(start: int, count: int) -> bytes:
+    """The tokens of the jobs sent ahead ``start``-th to ``start + count - 1``-th, in order."""
+    return struct.pack(f"<{count}Q", *range(start, start + count))
 
 
 def take_back(read_end: int) -> list[int]:

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
-from . import share, shm, watchdog, wire, worker_channel
+from . import claims, share, shm, watchdog, wire, worker_channel
 from .config import PoolConfig
 from .dispatch import Dispatcher
 from .errors import (
@@ -1045,6 +1045,12 @@ class Manager:
                 if position == 0:
                     if not worker.leaving:
                         self._kill(worker, RetireReason.TERMINATED, signal.SIGKILL, now)
+                elif job.token is not None:
+                    # Sent ahead with a token: take it back, with every job the
+                    # worker has not claimed (they go back to the queue; this one,
+                    # cancelled, is dropped there). If the worker claimed it first,
+                    # it is about to run it: _fire_timers kills it when it does.
+                    self._reclaim(worker, now)
                 else:
                     # Sent ahead, not started: tell the worker to skip it. If it
                     # starts anyway (the message crossed), _fire_timers kills it.
@@ -1065,10 +1071,11 @@ class Manager:
             self._flush(worker)
 
     def _flush(self, worker: Worker) -> None:
-        if worker.tokens:  # before the frames they go with (claims.py)
-            missing = worker_channel.write_tokens(worker)
-            if missing:
-                self._take_back(worker, missing, time.monotonic())
+        if worker.tokens and not worker_channel.write_tokens(worker):  # before the frames (claims.py)
+            (first,) = claims.TOKEN.unpack_from(worker.tokens)
+            worker.tokens.clear()
+            worker.tokens_written = worker.tokens_sent
+            self._take_back(worker, list(range(first, worker.tokens_sent)), time.monotonic())
         worker_channel.send(worker)
         wants_write = bool(worker.outbox)
         if wants_write != worker.wants_write and not worker.eof:
@@ -1078,11 +1085,12 @@ class Manager:
                 self._selector.modify(worker.sock, events, worker)
 
     def _reclaim(self, worker: Worker, now: float) -> None:
-        """Its head runs far past the mean: the jobs queued behind it that it has not started go elsewhere.
+        """Take back the jobs queued on ``worker`` that it has not started, for other workers.
 
-        Every token still in its claims pipe is taken (claims.py); the jobs
-        whose tokens the worker took first are its to run, and can no longer
-        be taken back.
+        For a head that runs far past the mean, and for a queued job
+        terminated. Every token still in its claims pipe is taken (claims.py);
+        the jobs whose tokens the worker took first are its to run, and can
+        no longer be taken back.
         """
         taken = worker_channel.take_back(worker)
         if taken:

@@ -261,9 +261,10 @@ def _exit(code: int) -> NoReturn:
 class _Inbox:
     """The frames this worker has received and not handled yet, in order.
 
-    Before each job it also takes, without blocking, whatever else has arrived,
-    so that a CANCEL sent for a job queued behind the running one is seen
-    before that job starts.
+    Before each job queued as a plain JOB it also takes, without blocking,
+    whatever else has arrived, so that a CANCEL sent for it is seen before it
+    starts. A JOB_AHEAD needs no such look: the pool cancels one by taking
+    back its token (claims.py).
     """
 
     def __init__(self, channel: _Channel) -> None:
@@ -303,7 +304,8 @@ class _Inbox:
 
     def next(self) -> tuple[int, bytes | bytearray] | None:
         """The next frame to handle; None at end of stream."""
-        if self.frames:
+        frames = self.frames
+        if frames and frames[0][0] != wire.Kind.JOB_AHEAD:
             self._receive(block=False)  # catch up on cancels
         while not self.frames:
             if self.closed:

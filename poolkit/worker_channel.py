@@ -85,26 +85,30 @@ def send(worker: Worker) -> None:
                 sent = 0
 
 
-def write_tokens(worker: Worker) -> list[int]:
-    """Write the tokens of the jobs just sent ahead, before their frames go; return those not written.
+def write_tokens(worker: Worker) -> bool:
+    """Write the tokens queued for the claims pipe, before the frames that need them go.
 
-    A worker holds at most a window of jobs (64) and a write of that many
-    tokens is atomic (below PIPE_BUF), so this cannot fail short of a bug; if
-    it does, the jobs whose tokens are missing will be skipped by the worker,
-    and the caller takes them back.
+    A write of a refill is atomic (below PIPE_BUF) into a pipe that never
+    holds more than a few refills, so this cannot fail short of a bug. If it
+    does, False, the tokens left queued: the jobs sent ahead with them have
+    none in the pipe and their worker will skip them, so the caller takes them back.
     """
-    tokens = worker.tokens
     try:
-        os.write(worker.claims_w, tokens)
+        os.write(worker.claims_w, worker.tokens)
     except OSError:
-        return [index for (index,) in claims.TOKEN.iter_unpack(tokens)]
-    finally:
-        tokens.clear()
-    return []
+        return False
+    worker.tokens.clear()
+    return True
 
 
 def take_back(worker: Worker) -> list[int]:
-    """Take every token the worker has not claimed: the jobs with those tokens are the pool's again."""
+    """Take every token the worker has not claimed: the jobs with those tokens are the pool's again.
+
+    Tokens written ahead of jobs not sent yet come out too; the next job sent
+    ahead gets its token written again.
+    """
     if worker.claims_r < 0:
         return []
-    return claims.take_back(worker.claims_r)
+    taken = claims.take_back(worker.claims_r)
+    worker.tokens_written = worker.tokens_sent
+    return taken

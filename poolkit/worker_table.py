@@ -143,6 +143,7 @@ class Worker:
         "state",
         "tokens",
         "tokens_sent",
+        "tokens_written",
         "wants_write",
         "worker_id",
     )
@@ -165,8 +166,9 @@ class Worker:
         # Its claims pipe (claims.py), both ends, from its READY; -1 without one.
         self.claims_r = -1
         self.claims_w = -1
-        self.tokens = bytearray()  # tokens of jobs sent ahead, written to the pipe before their frames
-        self.tokens_sent = 0
+        self.tokens = bytearray()  # tokens to write to the pipe before the frames in the outbox go
+        self.tokens_sent = 0  # the token of the next job sent ahead
+        self.tokens_written = 0  # the pipe holds (or its worker took) every token below this
         self.inflight: deque[Job] = deque()
         self.jobs_assigned = 0
         self.jobs_done = 0
@@ -210,7 +212,9 @@ class Worker:
         if ahead and self.claims_w >= 0:
             index = job.token = self.tokens_sent
             self.tokens_sent = index + 1
-            self.tokens += claims.token(index)
+            if index >= self.tokens_written:
+                self.tokens += claims.tokens(index, claims.REFILL)
+                self.tokens_written = index + claims.REFILL
         else:
             job.token = None
             ahead = False

@@ -66,6 +66,18 @@ def test_a_token_read_for_a_later_job_is_kept_for_it(pipe: tuple[int, int]) -> N
     worker.close()
 
 
+def test_tokens_written_ahead_of_their_jobs_are_taken_back_and_written_again(pipe: tuple[int, int]) -> None:
+    """The pool writes tokens a refill at a time; a take-back empties the pipe, unsent ones included."""
+    read_end, write_end = pipe
+    worker = claims.WorkerClaims(os.dup(read_end))
+    os.write(write_end, claims.tokens(0, claims.REFILL))  # jobs 0 and 1 sent ahead; the rest not yet
+    assert worker.claim()  # job 0
+    assert claims.take_back(read_end) == list(range(1, claims.REFILL))  # job 1, and tokens of no job
+    os.write(write_end, claims.tokens(2, claims.REFILL))  # the next job sent ahead is job 2
+    assert [worker.claim(), worker.claim()] == [False, True]  # job 1 was taken back; job 2 runs
+    worker.close()
+
+
 def test_a_worker_whose_pool_is_gone_starts_nothing(pipe: tuple[int, int]) -> None:
     read_end, write_end = pipe
     worker = claims.WorkerClaims(os.dup(read_end))

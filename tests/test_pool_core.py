@@ -8,12 +8,14 @@ plus ``psutil`` for what happens to processes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -351,35 +353,50 @@ def test_each_start_method_runs_jobs(start_method: str, leak_check) -> None:
 # ----------------------------------------------------------------- scheduling
 
 
+def _pipelining(pool: poolkit.Pool) -> None:
+    """Warm ``pool`` up on tiny jobs until it queues several jobs per worker, or skip the test."""
+    dispatcher = pool._manager._dispatcher  # the precondition only: it pipelines
+    for _ in range(10):
+        assert list(pool.map(jobs.square, range(300), chunksize=1))[-1] == 299 * 299
+        if dispatcher.window() > 1:
+            wait_for_pool_size(pool)
+            return
+    pytest.skip("tiny jobs measure too slow on this machine right now for the pool to pipeline")
+
+
+@contextlib.contextmanager
+def _one_batch(pool: poolkit.Pool) -> Iterator[None]:
+    """Jobs submitted in this block reach the pool's manager together, in one pass of its loop.
+
+    The manager is held while it unpickles a result (jobs.HeldOnArrival), so
+    what is submitted meanwhile waits in its inbox: no delay is guessed.
+    """
+    jobs.MANAGER_HELD.clear()
+    jobs.MANAGER_GO.clear()
+    gate = pool.submit(jobs.held_on_arrival, "gate")
+    try:
+        assert jobs.MANAGER_HELD.wait(30)
+        yield
+    finally:
+        jobs.MANAGER_GO.set()
+    assert gate.result(timeout=30) == "gate"
+
+
 def test_jobs_queued_behind_a_job_that_turns_long_run_on_the_other_worker(tmp_path: Path) -> None:
     """Jobs sent ahead to a worker before its job was known to be long are taken back and run elsewhere.
 
     Warmed up on tiny jobs, the pool queues several jobs per worker. The long
-    job and forty quick ones reach the manager in one batch (it is held while
-    it unpickles a result), so quick jobs are queued behind the long one on the
-    same worker. None may wait for it: the other worker runs them all.
+    job and forty quick ones arrive in one batch, so quick jobs are queued
+    behind the long one on the same worker. None may wait for it: the other
+    worker runs them all.
     """
     go = tmp_path / "go"
     started = tmp_path / "started"
     with poolkit.Pool(2) as pool:
-        dispatcher = pool._manager._dispatcher  # the precondition only: it pipelines
-        for _ in range(10):
-            assert list(pool.map(jobs.square, range(300), chunksize=1))[-1] == 299 * 299
-            if dispatcher.window() > 1:
-                break
-        else:
-            pytest.skip("tiny jobs measure too slow on this machine right now for the pool to pipeline")
-        wait_for_pool_size(pool)
-        jobs.MANAGER_HELD.clear()
-        jobs.MANAGER_GO.clear()
-        gate = pool.submit(jobs.held_on_arrival, "gate")
-        try:
-            assert jobs.MANAGER_HELD.wait(30)
+        _pipelining(pool)
+        with _one_batch(pool):
             busy = pool.submit(jobs.started_then_wait, str(started), str(go), "long")
             quick = [pool.submit(jobs.value_and_pid, i) for i in range(40)]
-        finally:
-            jobs.MANAGER_GO.set()
-        assert gate.result(timeout=30) == "gate"
         long_pid = wait_for_pid_file(started)
         try:
             done, _ = concurrent.futures.wait(quick, timeout=30)
@@ -390,6 +407,26 @@ def test_jobs_queued_behind_a_job_that_turns_long_run_on_the_other_worker(tmp_pa
         finally:
             go.touch()
         assert busy.result(timeout=30) == "long"
+
+
+def test_terminating_a_job_queued_on_a_busy_worker_takes_it_back(tmp_path: Path) -> None:
+    """A job queued behind a running one, terminated, never runs; the running one and the worker go on."""
+    go = tmp_path / "go"
+    started = tmp_path / "started"
+    with poolkit.Pool(1) as pool:
+        _pipelining(pool)
+        with _one_batch(pool):
+            running = pool.submit(jobs.started_then_wait, str(started), str(go), "ran")
+            queued = [pool.submit(jobs.value_and_pid, i) for i in range(5)]
+        pid = wait_for_pid_file(started)
+        assert queued[1].terminate() is True
+        assert queued[1].cancelled()
+        go.touch()
+        assert running.result(timeout=30) == "ran"
+        outcomes = [f.result(timeout=30) for f in (queued[0], *queued[2:])]
+        assert outcomes == [(i, pid) for i in (0, 2, 3, 4)]  # the same worker: nobody was killed
+        stats = pool.stats()
+    assert stats.retired == {} and stats.cancelled == 1 and stats.done >= 5
 
 
 @pytest.mark.parametrize("warm_up", [False, True], ids=["fresh", "after-tiny-jobs"])
