@@ -314,9 +314,14 @@ class _Inbox:
         return self.frames.popleft()
 
 
-def _send_ready(channel: _Channel, inbox: _Inbox) -> None:
-    """READY, with this worker's claims pipe when one could be made (claims.py); keeps its read end."""
-    pipe = claims.make_pipe()
+def _send_ready(channel: _Channel, inbox: _Inbox, max_jobs: int) -> None:
+    """READY, with this worker's claims pipe when one could be made (claims.py); keeps its read end.
+
+    A worker that runs one job only (``max_tasks_per_child=1``) is never sent
+    one ahead, and makes no pipe: it would cost each recycled worker a few
+    system calls for nothing.
+    """
+    pipe = claims.make_pipe() if max_jobs != 1 else None
     if pipe is None:
         channel.send(wire.encode_ready(os.getpid(), False))
         return
@@ -383,7 +388,7 @@ def _serve(
             logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
             channel.send(wire.encode_init_failed(dumps_error(exc)))
             _exit(1)
-    _send_ready(channel, inbox)
+    _send_ready(channel, inbox, max_jobs)
     # After the initializer: what it set up is the state every job starts from.
     baseline = Baseline()
     channel.leftover_threads = baseline.leftover_threads
