@@ -900,8 +900,8 @@ class Manager:
         else:
             worker.idle_since = now
         retire_reason: str | None = None
-        # Its last job: jobs taken back still count, since the worker counts
-        # every job frame against its budget, skipped or not.
+        # Its last job: its budget is assigned (jobs taken back are not counted,
+        # by the worker either) and it holds no other.
         if worker.max_jobs is not None and worker.jobs_assigned >= worker.max_jobs and not inflight:
             retire_reason = RetireReason.TASKS.value
         elif (

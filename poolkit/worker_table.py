@@ -168,7 +168,7 @@ class Worker:
         self.claims_w = -1
         self.tokens = bytearray()  # tokens to write to the pipe before the frames in the outbox go
         self.tokens_sent = 0  # the token of the next job sent ahead
-        self.tokens_written = 0  # the pipe holds (or its worker took) every token below this
+        self.tokens_written = 0  # every token below this was written (it is in the pipe, or was read)
         self.inflight: deque[Job] = deque()
         self.jobs_assigned = 0
         self.jobs_done = 0
