@@ -4,9 +4,12 @@ poolkit logs through structlog wrapped around the standard library logger
 ``"poolkit"``, which carries a ``NullHandler``: nothing is printed until the
 application configures logging (``logging.basicConfig(level=logging.INFO)``
 shows worker and pool events, ``DEBUG`` adds per-job events) or calls
-[`log_to_json`][poolkit.log_to_json] for JSON lines. The manager asks ``enabled`` before
-building an event, so a pool with logging off pays one integer comparison per
-event and nothing per job.
+[`log_to_json`][poolkit.log_to_json] for JSON lines. An event is built only if
+a handler would write it: with logging left alone, a warning (a worker that
+crashed) reaches nothing but poolkit's ``NullHandler``, and importing
+structlog for it would stall the pool's manager thread for 60-100 ms in the
+middle of the run. The manager asks ``enabled`` before building a per-job
+event, so a pool with logging off pays nothing per job.
 """
 
 from __future__ import annotations
@@ -32,6 +35,21 @@ def _render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> 
     event = event_dict.pop("event")
     fields = " ".join(f"{key}={value!r}" for key, value in event_dict.items())
     return f"{event} {fields}".rstrip()
+
+
+def _heard(level: int) -> bool:
+    """True if an event at ``level`` would reach a handler that writes it (poolkit's NullHandler does not)."""
+    if not _stdlib_logger.isEnabledFor(level):
+        return False
+    logger: logging.Logger | None = _stdlib_logger
+    while logger is not None:
+        for handler in logger.handlers:
+            if level >= handler.level and not isinstance(handler, logging.NullHandler):
+                return True
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return False  # the NullHandler keeps logging's last-resort handler away too
 
 
 def _capturing() -> bool:
@@ -71,10 +89,10 @@ class EventLog:
 
     @staticmethod
     def enabled(level: int = logging.INFO) -> bool:
-        return _stdlib_logger.isEnabledFor(level)
+        return _stdlib_logger.isEnabledFor(level) and (_heard(level) or _capturing())
 
     def _emit(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
-        if not _stdlib_logger.isEnabledFor(level):
+        if not self.enabled(level):
             return
         # The pool's manager thread logs as it fails jobs and breaks pools: a
         # log that cannot be written (structlog will not import, a handler

@@ -47,3 +47,29 @@ def test_a_pool_that_ran_a_job_has_still_not_loaded_rich() -> None:
 def test_the_live_bar_loads_rich_when_it_is_shown() -> None:
     loaded = _top_level_modules_after("import poolkit.progress_bar")
     assert "rich" in loaded
+
+
+_A_CRASH = (
+    "import os, poolkit\n"
+    "with poolkit.Pool(1) as pool:\n"
+    "    try:\n"
+    "        pool.submit(os._exit, 3).result(timeout=30)\n"
+    "    except poolkit.WorkerCrashed:\n"
+    "        pass\n"
+)
+
+
+def test_a_warning_nobody_listens_to_loads_no_logging_library() -> None:
+    """With logging left alone, a crashed worker's warning reaches only poolkit's NullHandler.
+
+    Importing structlog for it (and the display packages it pulls in) stalled
+    the pool's manager thread for 60-100 ms in the middle of a crash storm.
+    """
+    assert "structlog" not in _top_level_modules_after(_A_CRASH)
+
+
+def test_a_warning_someone_listens_to_is_logged() -> None:
+    code = "import logging\nlogging.basicConfig(level=logging.WARNING)\n" + _A_CRASH
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    assert "job.crashed" in done.stderr or "worker.crashed" in done.stderr, done.stderr
