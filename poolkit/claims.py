@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import struct
 
-__all__ = ["REFILL", "TOKEN", "WorkerClaims", "make_pipe", "take_back", "token", "tokens"]
+__all__ = ["REFILL", "TOKEN", "WorkerClaims", "make_pipe", "take_back", "tokens"]
 
 TOKEN = struct.Struct("<Q")
 REFILL = 256  # tokens the pool writes at once: 2 KiB, below PIPE_BUF, so the write is atomic
@@ -44,11 +44,6 @@ def make_pipe() -> tuple[int, int] | None:
         return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-
-
-def token(index: int) -> bytes:
-    """The token of the job sent ahead ``index``-th to a worker (counted from 0)."""
-    return TOKEN.pack(index)
 
 
 def tokens(start: int, count: int) -> bytes:

@@ -38,9 +38,10 @@ def _render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> 
 
 
 def _heard(level: int) -> bool:
-    """True if an event at ``level`` would reach a handler that writes it (poolkit's NullHandler does not)."""
-    if not _stdlib_logger.isEnabledFor(level):
-        return False
+    """True if an event at ``level`` would reach a handler that writes it (poolkit's NullHandler does not).
+
+    The logger's own level is ``EventLog.enabled``'s to check, first.
+    """
     logger: logging.Logger | None = _stdlib_logger
     while logger is not None:
         for handler in logger.handlers:

@@ -499,7 +499,7 @@ def rehearse(rounds: int = 8, shm_threshold: int | None = None) -> None:
             item = inbox.next()
             assert item is not None
             if pipe is not None and claimer is not None:  # as if every job were sent ahead
-                os.write(pipe[1], claims.token(index))
+                os.write(pipe[1], claims.tokens(index, 1))
                 assert claimer.claim()
             memory.reset_peak()
             _run_job(channel, item[1], 0, memory)
